@@ -1,0 +1,54 @@
+"""Where kernels may run, and the errors users see when they cannot.
+
+Triton compiles kernels for CUDA devices. Without a GPU, Triton's interpreter
+(``TRITON_INTERPRET=1``, set before ``triton`` is imported) runs the same
+kernels on CPU tensors; that is how the test suite runs on CPU-only machines.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def interpreter_active() -> bool:
+    """True when ``@triton.jit`` kernels were built by Triton's interpreter."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    from .kernels import _probe
+
+    return isinstance(_probe.probe_kernel, InterpretedFunction)
+
+
+def check_device(name: str, tensor: torch.Tensor) -> None:
+    """Raise a clear error when ``tensor`` lives where the kernels cannot run."""
+    dev = tensor.device.type
+    if dev == "cuda":
+        return
+    if dev == "cpu":
+        if interpreter_active():
+            return
+        raise ValueError(
+            f"fusedgrad: `{name}` is a CPU tensor, but fusedgrad's Triton kernels need a CUDA "
+            "tensor. To run them on CPU (slowly, for testing) set the environment variable "
+            "TRITON_INTERPRET=1 before `triton` is first imported, e.g. "
+            "`TRITON_INTERPRET=1 python your_script.py`."
+        )
+    raise ValueError(f"fusedgrad: `{name}` is on device '{tensor.device}'; only CUDA (or CPU "
+                     "under TRITON_INTERPRET=1) is supported.")
+
+
+def check_same_device(ref_name: str, ref: torch.Tensor, name: str, other: torch.Tensor) -> None:
+    if other.device != ref.device:
+        raise ValueError(
+            f"fusedgrad: `{name}` is on {other.device} but `{ref_name}` is on {ref.device}; "
+            "they must be on the same device."
+        )
+
+
+def device_guard(tensor: torch.Tensor):
+    """Context manager that makes ``tensor``'s CUDA device current (no-op on CPU)."""
+    if tensor.device.type == "cuda":
+        return torch.cuda.device(tensor.device)
+    import contextlib
+
+    return contextlib.nullcontext()

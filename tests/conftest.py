@@ -1,0 +1,42 @@
+"""Test set-up shared by every test module.
+
+With no CUDA device the suite switches Triton to its interpreter, which must be
+decided before ``triton`` is first imported: the kernels then run on CPU tensors.
+On a CUDA machine the same tests run the compiled kernels on the GPU.
+"""
+
+import os
+import sys
+
+if "triton" in sys.modules:  # pragma: no cover - guards the ordering assumption
+    raise RuntimeError("triton was imported before tests/conftest.py could choose the backend")
+
+import torch  # noqa: E402  (torch does not import triton at import time)
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture
+def device():
+    return DEVICE
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    # Fresh random data per test, but reproducible per test run.
+    torch.manual_seed(1234)
+
+
+@pytest.fixture(autouse=True)
+def _poison_outputs():
+    # Every output buffer a fusedgrad launcher allocates starts as NaN in tests,
+    # so an element a kernel forgot to write cannot pass a comparison.
+    from fusedgrad import _alloc
+
+    with _alloc.poisoned_outputs():
+        yield
