@@ -155,3 +155,17 @@ _PENDING: list[KernelConfig] = []
 
 def _compile_pending(index: int, arch: int) -> CompileReport:
     return compile_config(_PENDING[index], arch)
+
+
+# Launcher modules (inside the fusedgrad package) that expose ``static_configs()``.
+LAUNCHER_MODULES = ("_ce_launch", "_bn_launch")
+
+
+def all_static_configs() -> list[KernelConfig]:
+    """Every kernel configuration any fusedgrad launcher can choose."""
+    import importlib
+
+    configs: list[KernelConfig] = []
+    for mod in LAUNCHER_MODULES:
+        configs.extend(importlib.import_module(f"fusedgrad.{mod}").static_configs())
+    return configs
