@@ -90,7 +90,8 @@ def widest_global_load_bits(ptx: str) -> int:
 
 def _attrs(cfg: KernelConfig) -> dict:
     names = list(cfg.signature)
-    return {(names.index(a),): [["tt.divisibility", 16]] for a in cfg.aligned}
+    return {(names.index(a),): [["tt.divisibility", 16]] for a in cfg.aligned
+            if a in names and cfg.signature[a] != "constexpr"}
 
 
 def compile_config(cfg: KernelConfig, arch: int = 90) -> CompileReport:

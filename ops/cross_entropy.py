@@ -1,0 +1,280 @@
+"""fusedgrad.cross_entropy: a drop-in for F.cross_entropy that computes its gradient
+in the forward kernel.
+
+The forward custom op writes the per-row loss and, when a gradient will be
+needed, dL/dlogits already scaled for the reduction. The backward custom op only
+multiplies that buffer by grad_output, in place, and its kernel returns without
+touching the buffer where grad_output is exactly 1 (a plain ``loss.backward()``).
+
+Two forward variants:
+- ``fusedgrad::cross_entropy_fwd`` (functional): the gradient goes to a new buffer.
+  Autograd through ``register_autograd``.
+- ``fusedgrad::cross_entropy_fwd_inplace`` (mutates ``input``): the gradient
+  overwrites the logits, saving an N x V buffer. Declared as a mutation, so any
+  other autograd node that saved the old logits raises torch's usual in-place
+  error at backward instead of computing a wrong gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import _alloc
+from . import _ce_launch as launch
+from ._ce_validate import validate
+from ._runtime import device_guard
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _loss_shape(input: Tensor, prob_target: bool, target: Tensor) -> list[int]:
+    if prob_target:
+        return [input.shape[0], *input.shape[2:]] if input.dim() > 1 else []
+    return list(target.shape)
+
+
+def _check_targets_in_range(target: Tensor, n_classes: int, ignore_index: int) -> None:
+    """A class index outside [0, C) that is not ignore_index is an error, never an address.
+
+    CPU: raised here, at the call. CUDA: an asynchronous device-side assert (like
+    torch's own), so no host synchronisation; the kernel also writes NaN for such rows.
+    """
+    bad = (target != ignore_index) & ((target < 0) | (target >= n_classes))
+    if target.device.type == "cuda":
+        torch._assert_async(~bad.any(), "fusedgrad.cross_entropy: target out of bounds")
+    elif bad.any():  # CPU: the host already has the data
+        raise ValueError(
+            f"fusedgrad.cross_entropy: `target` holds class indices outside [0, {n_classes}) "
+            f"that are not ignore_index={ignore_index}"
+        )
+
+
+def _forward_into(input: Tensor, target: Tensor, weight: Tensor | None, grad: Tensor | None,
+                  ignore_index: int, reduction: str, label_smoothing: float, z_loss: float,
+                  softcap: float | None) -> Tensor:
+    """Run the fused kernel; returns the reduced (or per-row) loss in input's dtype."""
+    prob_target = target.is_floating_point()
+    n_classes = input.shape[1] if input.dim() > 1 else input.shape[0]
+    acc = _acc_dtype(input.dtype)
+    device = input.device
+    logits3 = launch.rows_view(input, class_dim=True)
+    target_v = launch.rows_view(target, class_dim=prob_target)
+    if not prob_target:
+        _check_targets_in_range(target, n_classes, ignore_index)
+        if target_v.dtype != torch.int64:
+            target_v = target_v.to(torch.int64)
+    n_rows = logits3.shape[0] * logits3.shape[1]
+    w = weight.to(acc).contiguous() if weight is not None else None
+
+    # [gradient scale, sum of class weights], computed on the device: no host sync.
+    reduce_buf = torch.ones(2, dtype=acc, device=device)
+    if w is not None:
+        reduce_buf[1] = w.sum()
+    else:
+        reduce_buf[1] = float(n_classes)
+    divisor = None
+    if reduction == "mean":
+        if prob_target:
+            reduce_buf[0] = 1.0 / n_rows if n_rows else float("inf")
+        else:
+            valid = target_v != ignore_index
+            if w is not None:
+                safe = torch.where(valid, target_v, 0).clamp_(0, n_classes - 1)
+                divisor = torch.where(valid, w[safe], 0).sum()
+            else:
+                divisor = valid.sum().to(acc)
+            reduce_buf[0] = 1.0 / divisor
+
+    loss_rows = _alloc.empty(n_rows, dtype=acc, device=device)
+    lse_rows = _alloc.empty(n_rows, dtype=acc, device=device)
+    grad3 = launch.rows_view(grad, class_dim=True) if grad is not None else None
+    with device_guard(input):
+        launch.launch_fwd_bwd(
+            logits3, grad3, target_v, w, loss_rows, lse_rows, reduce_buf,
+            ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss,
+            softcap=softcap, prob_target=prob_target, write_grad=grad is not None)
+
+    if reduction == "none":
+        return loss_rows.view(_loss_shape(input, prob_target, target)).to(input.dtype)
+    total = loss_rows.sum()
+    if reduction == "sum":
+        return total.to(input.dtype)
+    if prob_target:
+        return (total / n_rows).to(input.dtype)
+    return (total / divisor).to(input.dtype)
+
+
+# ---------------------------------------------------------------- custom ops
+
+@torch.library.custom_op("fusedgrad::cross_entropy_fwd", mutates_args=())
+def cross_entropy_fwd(input: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int,
+                      reduction: str, label_smoothing: float, z_loss: float,
+                      softcap: float | None, compute_grad: bool) -> tuple[Tensor, Tensor]:
+    """Returns (loss, grad); grad is dL/dinput for grad_output = 1, or empty when not asked."""
+    grad = _alloc.empty_like(input) if compute_grad else input.new_empty(0)
+    loss = _forward_into(input, target, weight, grad if compute_grad else None, ignore_index,
+                         reduction, label_smoothing, z_loss, softcap)
+    return loss, grad
+
+
+@cross_entropy_fwd.register_fake
+def _(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
+      compute_grad):
+    prob_target = target.is_floating_point()
+    shape = _loss_shape(input, prob_target, target) if reduction == "none" else []
+    loss = input.new_empty(shape)
+    grad = torch.empty_like(input) if compute_grad else input.new_empty(0)
+    return loss, grad
+
+
+@torch.library.custom_op("fusedgrad::cross_entropy_fwd_inplace", mutates_args=("input",))
+def cross_entropy_fwd_inplace(input: Tensor, target: Tensor, weight: Tensor | None,
+                              ignore_index: int, reduction: str, label_smoothing: float,
+                              z_loss: float, softcap: float | None) -> Tensor:
+    """Returns the loss; overwrites ``input`` with dL/dinput for grad_output = 1."""
+    return _forward_into(input, target, weight, input, ignore_index, reduction,
+                         label_smoothing, z_loss, softcap)
+
+
+@cross_entropy_fwd_inplace.register_fake
+def _(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap):
+    prob_target = target.is_floating_point()
+    shape = _loss_shape(input, prob_target, target) if reduction == "none" else []
+    return input.new_empty(shape)
+
+
+@torch.library.custom_op("fusedgrad::cross_entropy_bwd_", mutates_args=("grad",))
+def cross_entropy_bwd_(grad: Tensor, grad_output: Tensor) -> None:
+    """grad *= grad_output in place (grad_output: 0-dim, or the per-row loss shape)."""
+    grad3 = launch.rows_view(grad, class_dim=True)
+    go = grad_output if grad_output.dim() == 0 else launch.rows_view(grad_output, False)
+    with device_guard(grad):
+        launch.launch_scale_grad(grad3, go)
+
+
+@cross_entropy_bwd_.register_fake
+def _(grad, grad_output):
+    return None
+
+
+def _scaled_grad(grad: Tensor, grad_output: Tensor) -> Tensor:
+    if grad_output.dtype != grad.dtype:
+        grad_output = grad_output.to(grad.dtype)
+    torch.ops.fusedgrad.cross_entropy_bwd_(grad, grad_output)
+    return grad
+
+
+def _setup_context(ctx, inputs, output):
+    _, grad = output
+    ctx.mark_non_differentiable(grad)
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(grad)
+
+
+def _backward(ctx, grad_loss, _grad_grad):
+    (grad,) = ctx.saved_tensors
+    if grad_loss is None:
+        return (None,) * 9
+    # Saved at the forward's version: a second backward through a retained graph sees the
+    # in-place scaling below and raises torch's usual "modified by an inplace operation".
+    return (_scaled_grad(grad, grad_loss),) + (None,) * 8
+
+
+cross_entropy_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _InplaceCrossEntropy(torch.autograd.Function):
+    """Autograd for the in-place variant (register_autograd takes functional ops only)."""
+
+    @staticmethod
+    def forward(ctx, input, target, weight, ignore_index, reduction, label_smoothing, z_loss,
+                softcap):
+        loss = torch.ops.fusedgrad.cross_entropy_fwd_inplace(
+            input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap)
+        ctx.mark_dirty(input)
+        ctx.save_for_backward(input)
+        return loss, input
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_input_out):
+        (grad,) = ctx.saved_tensors
+        if grad_loss is None:
+            return (None,) * 8
+        return (_scaled_grad(grad, grad_loss),) + (None,) * 7
+
+
+# ---------------------------------------------------------------- public API
+
+def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None,
+                  ignore_index: int = -100, reduction: str = "mean",
+                  label_smoothing: float = 0.0, *, z_loss: float = 0.0,
+                  softcap: float | None = None, inplace_backward: bool = False) -> Tensor:
+    """Softmax cross-entropy, a drop-in for ``torch.nn.functional.cross_entropy``.
+
+    Same arguments and results as torch (class-index or probability targets, class
+    dimension 1, weights, ignore_index, label smoothing, reductions), plus:
+
+    z_loss: adds ``z_loss * logsumexp(z)**2`` to each (non-ignored) row's loss,
+        before the reduction.
+    softcap: logits pass through ``softcap * tanh(z / softcap)`` first.
+    inplace_backward: write the gradient into ``input``'s storage instead of a new
+        N x V buffer. ``input`` then holds dL/dinput, not logits; autograd refuses
+        (with its usual in-place error) a graph that still needs the old logits.
+        ``input`` must not be a leaf that requires grad.
+
+    The gradient is computed in the forward kernel whenever ``input`` requires grad;
+    backward rescales it by grad_output (free when grad_output is 1).
+    """
+    validate(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
+             inplace_backward)
+    softcap = float(softcap) if softcap is not None else None
+    label_smoothing = float(label_smoothing)
+    z_loss = float(z_loss)
+    # Spatial dims whose strides cannot be merged into one row index (rare: e.g. H and W
+    # transposed) are made contiguous; autograd carries the gradient back through the copy.
+    if not launch.spatial_dims_mergeable(input, True):
+        input = input.contiguous()
+    if not launch.spatial_dims_mergeable(target, target.is_floating_point()):
+        target = target.contiguous()
+    needs_grad = torch.is_grad_enabled() and input.requires_grad
+    if target.is_floating_point() and target.requires_grad and torch.is_grad_enabled():
+        raise ValueError("fusedgrad.cross_entropy: gradients with respect to probability "
+                         "`target` are not supported; pass target.detach()")
+    if inplace_backward and needs_grad:
+        loss, _ = _InplaceCrossEntropy.apply(input, target, weight, ignore_index, reduction,
+                                             label_smoothing, z_loss, softcap)
+        return loss
+    loss, _ = torch.ops.fusedgrad.cross_entropy_fwd(
+        input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
+        needs_grad)
+    return loss
+
+
+class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
+    """Drop-in for ``torch.nn.CrossEntropyLoss`` backed by :func:`fusedgrad.cross_entropy`.
+
+    Same constructor (including the deprecated ``size_average``/``reduce``), plus the
+    keyword-only extras ``z_loss``, ``softcap`` and ``inplace_backward``.
+    """
+
+    def __init__(self, weight: Tensor | None = None, size_average=None, ignore_index: int = -100,
+                 reduce=None, reduction: str = "mean", label_smoothing: float = 0.0, *,
+                 z_loss: float = 0.0, softcap: float | None = None,
+                 inplace_backward: bool = False) -> None:
+        super().__init__(weight, size_average, ignore_index, reduce, reduction, label_smoothing)
+        self.z_loss = z_loss
+        self.softcap = softcap
+        self.inplace_backward = inplace_backward
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return cross_entropy(input, target, weight=self.weight, ignore_index=self.ignore_index,
+                             reduction=self.reduction, label_smoothing=self.label_smoothing,
+                             z_loss=self.z_loss, softcap=self.softcap,
+                             inplace_backward=self.inplace_backward)
+
+    def extra_repr(self) -> str:
+        return (f"reduction={self.reduction}, label_smoothing={self.label_smoothing}, "
+                f"z_loss={self.z_loss}, softcap={self.softcap}, "
+                f"inplace_backward={self.inplace_backward}")
