@@ -8,4 +8,3 @@ __version__ = "0.1.0"
 
 from .cross_entropy import CrossEntropyLoss, cross_entropy  # noqa: E402
 from .batch_norm import batch_norm  # noqa: E402
-from .batch_norm import batch_norm  # noqa: E402
