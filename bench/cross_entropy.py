@@ -1,0 +1,154 @@
+"""Cross-entropy benchmark: fusedgrad vs PyTorch eager, torch.compile, Liger-Kernel.
+
+Cases: bf16 and fp32 logits, rows in {4096, 8192, 16384} x V in {32000, 50257, 128256,
+151936, 256000}; forward+backward (``loss.backward()`` on a mean loss) and forward only
+(logits without grad). Forward+backward also times fusedgrad's ``inplace_backward``
+mode (gradient written into the logits' storage, as Liger-Kernel always does).
+
+Bytes models (next to the benchmark, as the README promises):
+
+* ``minimal_bytes`` -- what any implementation must move, used for every record's GB/s:
+  forward+backward reads the N x V logits once and writes the N x V gradient once;
+  forward only reads the logits once. Plus the int64 targets and the scalar loss.
+* ``fused_kernel_bytes`` -- what fusedgrad's kernel moves by its design: a row that fits
+  on chip (V <= ``CE_SINGLE_BLOCK_MAX_V``) is read once and its gradient written in the
+  same pass (= the minimum); a longer row is read twice (online max/sum, then the
+  gradient pass) and written once. Forward only: one read (the gradient store is off).
+  With ``grad_output == 1`` (plain ``loss.backward()``) the backward moves nothing.
+
+Inplace note: with ``inplace_backward`` (and Liger) each timed call overwrites its
+logits with the gradient, so later calls see gradient values as logits. The work per
+call is identical (same shapes, finite values), so the timing is unaffected.
+"""
+
+from __future__ import annotations
+
+from .common import (
+    COMPILE,
+    FUSED,
+    FUSED_INPLACE,
+    LIGER,
+    TORCH,
+    Case,
+    Context,
+    compiled,
+    dtype_size,
+    fused_op,
+    liger_cross_entropy,
+    run_impl,
+    skipped,
+    torch_dtype,
+)
+
+ROWS = (4096, 8192, 16384)
+VOCABS = (32000, 50257, 128256, 151936, 256000)
+DTYPES = ("bf16", "fp32")
+MODES = ("fwd+bwd", "fwd")
+# Longest row fusedgrad's kernel keeps on chip in one block (elements); longer rows
+# take the two-pass path. Keep in step with ops/_ce_launch.py.
+CE_SINGLE_BLOCK_MAX_V = 32768
+# --quick: the LM-typical case in both modes (each torch.compile peer costs a fresh
+# compilation, which dominates --quick's 3-minute budget).
+QUICK = {("bf16", 8192, 128256, "fwd+bwd"), ("bf16", 8192, 128256, "fwd")}
+
+TARGET_BYTES = 8  # int64 class indices
+LOSS_BYTES = 4
+
+
+def minimal_bytes(n_rows: int, vocab: int, dtype: str, mode: str) -> int:
+    logits = n_rows * vocab * dtype_size(dtype)
+    small = n_rows * TARGET_BYTES + LOSS_BYTES
+    return (2 * logits if mode == "fwd+bwd" else logits) + small
+
+
+def fused_kernel_bytes(n_rows: int, vocab: int, dtype: str, mode: str) -> int:
+    logits = n_rows * vocab * dtype_size(dtype)
+    small = n_rows * TARGET_BYTES + LOSS_BYTES
+    if mode == "fwd":
+        return logits + small
+    reads = 1 if vocab <= CE_SINGLE_BLOCK_MAX_V else 2
+    return (reads + 1) * logits + small
+
+
+def case_name(dtype: str, n_rows: int, vocab: int, mode: str) -> str:
+    return f"ce {dtype} {n_rows}x{vocab} {mode}"
+
+
+def cases() -> list[Case]:
+    out = []
+    for dtype in DTYPES:
+        for mode in MODES:
+            for n_rows in ROWS:
+                for vocab in VOCABS:
+                    impls = (FUSED, FUSED_INPLACE) if mode == "fwd+bwd" else (FUSED,)
+                    out.append(Case(
+                        family="cross_entropy", name=case_name(dtype, n_rows, vocab, mode),
+                        dtype=dtype, mode=mode, shape={"rows": n_rows, "vocab": vocab},
+                        size=n_rows * vocab, quick=(dtype, n_rows, vocab, mode) in QUICK,
+                        impls=impls + (TORCH, COMPILE, LIGER), run=run_case))
+    return out
+
+
+def run_case(case: Case, ctx: Context) -> list[dict]:
+    import torch
+    import torch.nn.functional as F
+
+    n_rows, vocab = case.shape["rows"], case.shape["vocab"]
+    dtype = torch_dtype(case.dtype)
+    backward = case.mode == "fwd+bwd"
+    set_bytes = n_rows * vocab * dtype_size(case.dtype) + n_rows * TARGET_BYTES
+    min_bytes = minimal_bytes(n_rows, vocab, case.dtype, case.mode)
+
+    def make_inputs():
+        logits = torch.randn(n_rows, vocab, device="cuda", dtype=dtype)
+        target = torch.randint(0, vocab, (n_rows,), device="cuda")
+        return {"x": logits.requires_grad_(backward), "t": target}
+
+    def leaves(s):
+        return (s["x"],) if backward else ()
+
+    def step_of(loss_fn):
+        def step(s):
+            loss = loss_fn(s["x"], s["t"])
+            if backward:
+                loss.backward()
+            return loss
+
+        return step
+
+    fg_ce, fg_reason = fused_op("cross_entropy")
+    liger_ce, liger_reason = liger_cross_entropy()
+
+    def torch_ce(x, t):
+        return F.cross_entropy(x, t)
+
+    records = []
+    for impl in case.impls:
+        if impl not in ctx.impls:
+            continue
+        kernel_bytes = None
+        if impl in (FUSED, FUSED_INPLACE):
+            if fg_ce is None:
+                records.append(skipped(case, impl, fg_reason, status="unavailable"))
+                continue
+            inplace = impl == FUSED_INPLACE
+
+            def loss_fn(x, t, _inplace=inplace):
+                return fg_ce(x, t, inplace_backward=_inplace)
+
+            kernel_bytes = fused_kernel_bytes(n_rows, vocab, case.dtype, case.mode)
+        elif impl == TORCH:
+            loss_fn = torch_ce
+        elif impl == COMPILE:
+            loss_fn = compiled(torch_ce)
+        elif impl == LIGER:
+            if liger_ce is None:
+                records.append(skipped(case, impl, liger_reason, status="unavailable"))
+                continue
+            loss_fn = liger_ce
+        else:  # pragma: no cover - impls come from cases()
+            raise AssertionError(impl)
+        records.append(run_impl(case, ctx, impl, make_inputs, step_of(loss_fn),
+                                set_bytes=set_bytes, min_bytes=min_bytes, bytes_model="minimal",
+                                leaves=leaves, kernel_bytes=kernel_bytes))
+    return records

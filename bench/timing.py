@@ -1,0 +1,115 @@
+"""Measuring one implementation on one case: median time, peak memory, rotated inputs.
+
+Protocol (the same for every implementation, so the numbers compare):
+
+1. Build ONE input set, call the step once (warm-up: Triton/Inductor compilation,
+   cuBLAS handles), then reset the allocator's peak counter, call it once more and
+   read ``torch.cuda.max_memory_allocated`` -> ``peak_mem_bytes`` (everything live at
+   the peak: the input set included, which is the same for every implementation of a
+   case) and ``peak_extra_bytes`` (peak minus what was allocated before the call: the
+   implementation's own workspace, saved activations and outputs).
+2. Build more input sets until the data rotated through is several times the L2
+   (each set is touched once per call, so repeated calls cannot run out of cache), and
+   time with ``triton.testing.do_bench(..., return_mode="median")``, which warms up
+   for ``warmup_ms`` and also clears the L2 between calls.
+
+Nothing here runs without CUDA; the CPU paths of the bench never import it.
+"""
+
+from __future__ import annotations
+
+import gc
+import itertools
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+
+# Data rotated through per timed call, as a multiple of the device's L2 size.
+L2_ROTATION_FACTOR = 4
+# Never hold more than this many input sets (large cases need one: one set alone
+# is far bigger than the L2).
+MAX_INPUT_SETS = 8
+# do_bench's warm-up and measuring windows, in milliseconds.
+WARMUP_MS = 25
+REP_MS = 100
+QUICK_REP_MS = 50
+
+
+def l2_bytes() -> int:
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    # Hopper reports 50 MB (H100) / 60 MB (H200); fall back to 50 MB if absent.
+    return int(getattr(props, "L2_cache_size", 0) or 50 * 2**20)
+
+
+def input_sets_needed(set_bytes: int, l2: int, factor: int = L2_ROTATION_FACTOR,
+                      max_sets: int = MAX_INPUT_SETS) -> int:
+    """How many distinct input sets make the rotated data ``factor`` times the L2."""
+    if set_bytes <= 0:
+        return 1
+    return max(1, min(max_sets, math.ceil(factor * l2 / set_bytes)))
+
+
+def free_memory() -> None:
+    gc.collect()
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+
+
+def measure(make_inputs: Callable[[], dict], step: Callable[[dict], object], set_bytes: int,
+            leaves: Callable[[dict], Sequence[torch.Tensor]] = lambda s: (),
+            rep_ms: int = REP_MS) -> dict:
+    """Peak memory and median time of ``step(inputs)``.
+
+    make_inputs: builds one fresh input set (a dict of tensors) on the GPU.
+    step: runs the measured region on one set (forward, or forward and backward).
+    set_bytes: bytes of one input set (for the rotation count).
+    leaves: the tensors of a set whose ``.grad`` must be cleared between calls
+        (do_bench's ``grad_to_none``), so gradients are written, not accumulated.
+    """
+    from triton.testing import do_bench
+
+    first = make_inputs()
+    step(first)  # warm-up: compilation, handles, allocator pools
+    for t in leaves(first):
+        t.grad = None
+    free_memory()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    step(first)
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated()
+    for t in leaves(first):
+        t.grad = None
+
+    n_sets = input_sets_needed(set_bytes, l2_bytes())
+    sets = [first] + [make_inputs() for _ in range(n_sets - 1)]
+    order = itertools.cycle(sets)
+    grad_leaves = [t for s in sets for t in leaves(s)]
+
+    def call():
+        step(next(order))
+
+    ms = do_bench(call, warmup=WARMUP_MS, rep=rep_ms, grad_to_none=grad_leaves or None,
+                  return_mode="median")
+    # Release the input sets before the next implementation allocates its own.
+    sets.clear()
+    grad_leaves.clear()
+    first = order = None
+    free_memory()
+    return {"ms": float(ms), "peak_mem_bytes": int(peak), "peak_extra_bytes": int(peak - before),
+            "input_sets": n_sets}
+
+
+def copy_bandwidth_gbps(n_bytes: int = 512 * 2**20) -> dict:
+    """Device-to-device copy of ``n_bytes``: (bytes read + bytes written) / median time."""
+    from triton.testing import do_bench
+
+    bufs = {"src": torch.randn(n_bytes // 4, device="cuda")}
+    bufs["dst"] = torch.empty_like(bufs["src"])
+    ms = do_bench(lambda: bufs["dst"].copy_(bufs["src"]), warmup=WARMUP_MS, rep=REP_MS,
+                  return_mode="median")
+    moved = 2 * bufs["src"].numel() * bufs["src"].element_size()
+    bufs.clear()
+    free_memory()
+    return {"bytes": moved, "ms": float(ms), "gbps": moved / (ms * 1e-3) / 1e9}
