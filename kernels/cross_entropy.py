@@ -223,7 +223,8 @@ def cross_entropy_fwd_bwd_kernel(
         coef_t = 0.0
         coef_smooth = 0.0
     else:
-        w_t = tl.load(weight_ptr + safe_col, mask=in_range & (has_weight != 0), other=1.0).to(acc_ty)
+        w_t = tl.load(weight_ptr + safe_col, mask=in_range & (has_weight != 0), other=1.0)
+        w_t = w_t.to(acc_ty)
         eps_c = label_smoothing / n_classes
         coef_t = (1.0 - label_smoothing) * w_t
         coef_smooth = eps_c

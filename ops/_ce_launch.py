@@ -7,6 +7,8 @@ axis is dim 1, the rows are (sample, flattened spatial position).
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 
@@ -90,12 +92,10 @@ def rows_view(t: torch.Tensor, class_dim: bool) -> torch.Tensor:
         if t.dim() == 1:
             return t.view(1, 1, -1)
         moved = t.movedim(1, -1)  # (N, d1..dk, C): a view
-        return moved.view(moved.shape[0], -1, moved.shape[-1])
+        return moved.view(moved.shape[0], math.prod(moved.shape[1:-1]), moved.shape[-1])
     if t.dim() == 0:
         return t.view(1, 1)
-    if t.dim() == 1:
-        return t.view(-1, 1)
-    return t.view(t.shape[0], -1)
+    return t.view(t.shape[0], math.prod(t.shape[1:]))
 
 
 def spatial_dims_mergeable(t: torch.Tensor, class_dim: bool) -> bool:
