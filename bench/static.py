@@ -21,12 +21,16 @@ ARCHS = (90, 80)
 COMPILE_WORKERS = 2  # CI machines have 2 cores
 
 
-def collect_configs() -> tuple[list, list[tuple[str, str]], list[tuple[str, str]]]:
-    """(configs, [(module, why not available)], [(module, import error)])."""
+def collect_configs(modules=None) -> tuple[list, list[tuple[str, str]], list[tuple[str, str]]]:
+    """(configs, [(module, why not available)], [(module, import error)]).
+
+    modules: launcher module names inside ``fusedgrad`` (default: every registered one,
+    ``static_check.LAUNCHER_MODULES``).
+    """
     from fusedgrad import static_check
 
     configs, unavailable, broken = [], [], []
-    for mod in static_check.LAUNCHER_MODULES:
+    for mod in static_check.LAUNCHER_MODULES if modules is None else modules:
         full = f"fusedgrad.{mod}"
         try:
             module = importlib.import_module(full)
@@ -107,9 +111,9 @@ def format_rows(rows: list[tuple]) -> str:
     return "\n".join(lines)
 
 
-def main(archs=ARCHS, workers: int = COMPILE_WORKERS) -> int:
+def main(archs=ARCHS, workers: int = COMPILE_WORKERS, modules=None) -> int:
     t0 = time.time()
-    configs, unavailable, broken = collect_configs()
+    configs, unavailable, broken = collect_configs(modules)
     for mod, why in unavailable:
         print(f"static: fusedgrad.{mod}: not available ({why})")
     for mod, why in broken:
