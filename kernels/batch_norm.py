@@ -55,7 +55,7 @@ def _tile(t, tiles_per_n, S, c_off, c_mask, stride_n, stride_s, BLOCK_S: tl.cons
 
 @triton.jit(do_not_specialize=_RUNTIME_INTS)
 def bn_stats_partial_kernel(
-    x_ptr, part_ptr,
+    x_ptr, part_ptr, shift_ptr,
     C, S, stride_n, stride_c, stride_s,
     tiles_per_n, tiles_per_split, n_tiles, part_field_stride,
     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
@@ -64,13 +64,17 @@ def bn_stats_partial_kernel(
 
     x_ptr: input, strided (N, C, S) view (strides stride_n, stride_c, stride_s, in elements).
     part_ptr: [3, P, C] acc, contiguous; field f of split p, channel c at
-        f * part_field_stride + p * C + c (part_field_stride = P * C); fields count, mean, M2.
+        f * part_field_stride + p * C + c (part_field_stride = P * C); fields count,
+        mean - shift, M2.
+    shift_ptr: [C] acc: the shift (x[0, c, 0]) of each channel, written by split 0. Partial
+        means stay relative to it, so merging them never rounds a large offset.
     grid: (P splits, cdiv(C, BLOCK_C)). tiles_per_n = cdiv(S, BLOCK_S); n_tiles = N * tiles_per_n;
     tiles_per_split: tiles each split reduces (the last split may get fewer, or none).
-    Numerics: each tile's mean and M2 come from two passes over registers (exact centring),
-    then the tile joins the running (count, mean, M2) by Chan's parallel formula — stable for
-    data with a large mean (x = 100 + 0.01 * randn keeps its variance in fp32).
-    Bytes per element: one read of x (elem_size); partials are O(P * C).
+    Numerics: values are shifted by the channel's first element; each tile's mean and M2
+    come from two passes over registers (exact centring), then the tile joins the running
+    (count, mean, M2) by Chan's parallel formula — stable for data with a large mean
+    (x = 100 + 0.01 * randn keeps its variance in fp32).
+    Bytes per element: one read of x (elem_size); partials and shifts are O(P * C).
     """
     pid_p = tl.program_id(0)
     pid_c = tl.program_id(1)
@@ -78,6 +82,10 @@ def bn_stats_partial_kernel(
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
     c_off = c.to(tl.int64) * stride_c
+    # Every program of a channel shifts by the same value, the channel's first element: data
+    # far from zero (100 + 0.01 * randn) then sums exactly-subtracted small numbers, so the
+    # tile means carry no rounding of the large offset into M2.
+    shift = tl.load(x_ptr + c_off, mask=c_mask, other=0.0).to(acc_ty)
     count = tl.zeros([BLOCK_C], dtype=acc_ty)
     mean = tl.zeros([BLOCK_C], dtype=acc_ty)
     m2 = tl.zeros([BLOCK_C], dtype=acc_ty)
@@ -87,6 +95,7 @@ def bn_stats_partial_kernel(
         offs, mask, n_valid = _tile(t, tiles_per_n, S, c_off, c_mask, stride_n, stride_s,
                                     BLOCK_S)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(acc_ty)
+        x = tl.where(mask, x - shift[:, None], 0.0)
         tile_count = n_valid.to(acc_ty)
         tile_mean = tl.sum(x, axis=1) / tile_count
         centred = tl.where(mask, x - tile_mean[:, None], 0.0)
@@ -101,13 +110,14 @@ def bn_stats_partial_kernel(
     out = part_ptr + pid_p * C + c
     tl.store(out, count, mask=c_mask)
     tl.store(out + part_field_stride, mean, mask=c_mask)
+    tl.store(shift_ptr + c, shift, mask=c_mask & (pid_p == 0))
     tl.store(out + 2 * part_field_stride, m2, mask=c_mask)
 
 
-@triton.jit(do_not_specialize=_MERGE_RUNTIME_INTS + ["final",
+@triton.jit(do_not_specialize=_MERGE_RUNTIME_INTS + ["has_shift", "final",
                                                "update_running", "cumulative", "write_count"])
 def bn_merge_stats_kernel(
-    part_ptr, n_parts, C, part_stride, field_stride,
+    part_ptr, n_parts, C, part_stride, field_stride, shift_ptr, has_shift,
     out0_ptr, out1_ptr, out2_ptr,
     running_mean_ptr, running_var_ptr, nbt_ptr, momentum, eps,
     final, update_running, cumulative, write_count,
@@ -119,6 +129,8 @@ def bn_merge_stats_kernel(
         p * part_stride + f * field_stride + c. Serves the split partials ([3, P, C]:
         part_stride C, field_stride P * C) and all-gathered per-rank stats ([R, 3, C]:
         part_stride 3C, field_stride C). Parts with count 0 contribute nothing.
+    shift_ptr: [C] acc, read if has_shift: part means are relative to it (split partials);
+        the merged mean adds it back once.
     Chunks of BLOCK_P parts merge with the exact multi-way formula
         n = sum n_i, mean = sum n_i mean_i / n, M2 = sum (M2_i + n_i (mean_i - mean)^2),
     and chunks join the running result by Chan's pairwise formula, in order.
@@ -154,6 +166,7 @@ def bn_merge_stats_kernel(
         mean = mean + delta * frac
         m2 = m2 + chunk_m2 + delta * delta * count * frac
         count = new_count
+    mean += tl.load(shift_ptr + c, mask=c_mask & (has_shift != 0), other=0.0)
     if final != 0:
         invstd = _inv_sqrt(m2 / tl.maximum(count, 1.0) + eps)
         tl.store(out0_ptr + c, mean, mask=c_mask)

@@ -212,11 +212,11 @@ def target_programs(device: torch.device) -> int:
     return PROGRAMS_PER_SM * INTERPRETER_SMS
 
 
-def num_splits(plan: Plan, device: torch.device) -> tuple[int, int]:
+def num_splits(plan: Plan, target: int) -> tuple[int, int]:
     """(splits, tiles_per_split): split each channel block's tiles into contiguous ranges so
     that splits * channel blocks reaches target_programs (few channels with huge spatial
     size get many splits; many channels with tiny spatial size get few). No split is empty."""
-    want = math.ceil(target_programs(device) / plan.n_cblocks)
+    want = math.ceil(target / plan.n_cblocks)
     splits = max(1, min(want, plan.n_tiles, MAX_SPLITS))
     tiles_per_split = math.ceil(plan.n_tiles / splits)
     return math.ceil(plan.n_tiles / tiles_per_split), tiles_per_split
@@ -229,29 +229,31 @@ def _meta(plan: Plan) -> dict:
     return dict(BLOCK_C=plan.block_c, BLOCK_S=plan.block_s, num_warps=NUM_WARPS)
 
 
-def stats_partials(x: torch.Tensor, plan: Plan) -> torch.Tensor:
-    """[3, P, C] acc: per-split (count, mean, M2). One read of x."""
-    splits, tiles_per_split = num_splits(plan, x.device)
+def stats_partials(x: torch.Tensor, plan: Plan) -> tuple[torch.Tensor, torch.Tensor]:
+    """(part [3, P, C], shift [C]) acc: per-split (count, mean - shift, M2). One read of x."""
+    splits, tiles_per_split = num_splits(plan, target_programs(x.device))
     part = _alloc.empty((3, splits, plan.C), dtype=acc_dtype(x.dtype), device=x.device)
+    shift = _alloc.empty((plan.C,), dtype=acc_dtype(x.dtype), device=x.device)
     with device_guard(x):
         bn_kernels.bn_stats_partial_kernel[(splits, plan.n_cblocks)](
-            x, part, plan.C, plan.S, *plan.strides,
+            x, part, shift, plan.C, plan.S, *plan.strides,
             plan.tiles_per_n, tiles_per_split, plan.n_tiles, splits * plan.C,
             **_meta(plan))
-    return part
+    return part, shift
 
 
 def _merge_grid(C: int):
     return (max(1, math.ceil(C / MERGE_BLOCK_C)),)
 
 
-def merge_stats_local(part: torch.Tensor, part_stride: int, field_stride: int,
-                      n_parts: int, C: int) -> torch.Tensor:
-    """[3, C] acc: (count, mean, M2) merged over the parts in order (a rank's local stats)."""
+def merge_stats_local(part: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """[3, C] acc: (count, mean, M2) merged over stats_partials' parts in order (a rank's
+    local statistics)."""
+    _, n_parts, C = part.shape
     out = _alloc.empty((3, C), dtype=part.dtype, device=part.device)
     with device_guard(part):
         bn_kernels.bn_merge_stats_kernel[_merge_grid(C)](
-            part, n_parts, C, part_stride, field_stride, out[0], out[1], out[2],
+            part, n_parts, C, C, n_parts * C, shift, 1, out[0], out[1], out[2],
             out, out, _dummy_i64(part.device), 0.0, 0.0, 0, 0, 0, 0,
             BLOCK_P=MERGE_BLOCK_P, BLOCK_C=MERGE_BLOCK_C, num_warps=MERGE_NUM_WARPS)
     return out
@@ -260,9 +262,9 @@ def merge_stats_local(part: torch.Tensor, part_stride: int, field_stride: int,
 def merge_stats_final(part: torch.Tensor, part_stride: int, field_stride: int, n_parts: int,
                       C: int, eps: float, running_mean=None, running_var=None,
                       num_batches_tracked=None, momentum: float = 0.0,
-                      cumulative: bool = False, want_count: bool = False):
+                      cumulative: bool = False, want_count: bool = False, shift=None):
     """(mean, invstd[, count]) [C] acc, merged over the parts in order; updates the running
-    buffers (acc dtype, in place) if given."""
+    buffers (acc dtype, in place) if given. shift: [C] the part means are relative to."""
     dev = part.device
     mean = _alloc.empty((C,), dtype=part.dtype, device=dev)
     invstd = _alloc.empty((C,), dtype=part.dtype, device=dev)
@@ -271,7 +273,8 @@ def merge_stats_final(part: torch.Tensor, part_stride: int, field_stride: int, n
     nbt = num_batches_tracked if (cumulative and num_batches_tracked is not None) else None
     with device_guard(part):
         bn_kernels.bn_merge_stats_kernel[_merge_grid(C)](
-            part, n_parts, C, part_stride, field_stride, mean, invstd, count,
+            part, n_parts, C, part_stride, field_stride,
+            shift if shift is not None else mean, int(shift is not None), mean, invstd, count,
             running_mean if update else mean, running_var if update else mean,
             nbt if nbt is not None else _dummy_i64(dev), float(momentum), float(eps),
             1, int(update), int(nbt is not None), int(want_count),
@@ -295,7 +298,7 @@ def apply(x: torch.Tensor, plan: Plan, mean, scale, scale_is_var: bool, weight, 
 def bwd_partials(x: torch.Tensor, dy: torch.Tensor, plan: Plan, mean, scale,
                  scale_is_var: bool, eps: float) -> torch.Tensor:
     """[2, P, C] acc: per-split (sum dy, sum dy * x_hat). One read of x and dy."""
-    splits, tiles_per_split = num_splits(plan, x.device)
+    splits, tiles_per_split = num_splits(plan, target_programs(x.device))
     part = _alloc.empty((2, splits, plan.C), dtype=acc_dtype(x.dtype), device=x.device)
     with device_guard(x):
         bn_kernels.bn_bwd_partial_kernel[(splits, plan.n_cblocks)](
@@ -376,7 +379,8 @@ def static_configs():
             strides[unit] = "constexpr"
             tiled = {
                 "stats_partial": (k.bn_stats_partial_kernel, {
-                    "x_ptr": x, "part_ptr": acc, "C": "i32", "S": "i32", **strides,
+                    "x_ptr": x, "part_ptr": acc, "shift_ptr": acc, "C": "i32", "S": "i32",
+                    **strides,
                     "tiles_per_n": "i32", "tiles_per_split": "i32", "n_tiles": "i32",
                     "part_field_stride": "i32"}),
                 "apply": (k.bn_apply_kernel, {
@@ -415,7 +419,8 @@ def static_configs():
         merges = {
             "merge_stats": (k.bn_merge_stats_kernel, {
                 "part_ptr": acc, "n_parts": "i32", "C": "i32", "part_stride": "i32",
-                "field_stride": "i32", "out0_ptr": acc, "out1_ptr": acc, "out2_ptr": acc,
+                "field_stride": "i32", "shift_ptr": acc, "has_shift": "i32",
+                "out0_ptr": acc, "out1_ptr": acc, "out2_ptr": acc,
                 "running_mean_ptr": acc, "running_var_ptr": acc, "nbt_ptr": "*i64",
                 "momentum": "fp32", "eps": "fp32", "final": "i32", "update_running": "i32",
                 "cumulative": "i32", "write_count": "i32"}),

@@ -60,6 +60,9 @@ def _check_inputs(input, running_mean, running_var, weight, bias, training, mome
                         f"{type(momentum)}")
     if not isinstance(eps, (int, float)) or eps < 0:
         raise ValueError(f"fusedgrad.batch_norm: `eps` must be a non-negative float, got {eps}")
+    if training and eps <= 0:
+        raise ValueError(f"fusedgrad.batch_norm: `eps` must be positive during training, got "
+                         f"{eps}")
     if training:
         size_prods = input.shape[0] * input[0, 0].numel() if input.shape[0] else 0
         if size_prods == 1:
@@ -101,11 +104,11 @@ def _batch_norm_stats(
     acc = L.acc_dtype(x.dtype)
     x = L.prepare_input(x)
     plan = L.make_plan(x)
-    part = L.stats_partials(x, plan)
+    part, shift = L.stats_partials(x, plan)
     rm, rv = _as_acc(running_mean, acc), _as_acc(running_var, acc)
     mean, invstd = L.merge_stats_final(
         part, plan.C, part.shape[1] * plan.C, part.shape[1], plan.C, eps, rm, rv,
-        num_batches_tracked, momentum, cumulative)
+        num_batches_tracked, momentum, cumulative, shift=shift)
     if running_mean is not None:
         # Buffers in another dtype (a .half() module) were updated in an acc copy.
         if rm.data_ptr() != running_mean.data_ptr():

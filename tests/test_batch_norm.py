@@ -1,0 +1,342 @@
+"""fusedgrad.batch_norm against a float64 F.batch_norm reference (mirrors ops/batch_norm.py)."""
+
+import fusedgrad as fg
+import pytest
+import torch
+import torch.nn.functional as F
+from fusedgrad import _bn_launch as L
+from helpers import DEVICE, assert_close, rel_err
+
+PARAM_DTYPE = {torch.float32: torch.float32, torch.float16: torch.float32,
+               torch.bfloat16: torch.float32, torch.float64: torch.float64}
+
+
+def _make_input(shape, layout, dtype):
+    """Fresh random input (mean 1, std 2) of `shape` in the named memory layout."""
+    if layout == "sliced_n":  # every other sample: non-dense, read through a copy
+        base = torch.randn((2 * shape[0],) + shape[1:], device=DEVICE) * 2 + 1
+        x = base[::2]
+    elif layout == "sliced_c":  # every other channel: non-dense, read through a copy
+        base = torch.randn((shape[0], 2 * shape[1]) + shape[2:], device=DEVICE) * 2 + 1
+        x = base[:, ::2]
+    elif layout == "transposed":  # spatial dims swapped: strides do not collapse
+        x = (torch.randn(shape[:2] + (shape[3], shape[2]), device=DEVICE) * 2 + 1)
+        x = x.transpose(2, 3)
+    elif layout == "c_major":  # channel-major storage of an (N, C, L) tensor
+        x = (torch.randn((shape[1], shape[0]) + shape[2:], device=DEVICE) * 2 + 1)
+        x = x.transpose(0, 1)
+    else:
+        x = torch.randn(shape, device=DEVICE) * 2 + 1
+        if layout == "channels_last":
+            x = x.contiguous(memory_format=torch.channels_last)
+        elif layout == "channels_last_3d":
+            x = x.contiguous(memory_format=torch.channels_last_3d)
+    # float32 keeps the view itself (.to is a no-op); other dtypes use dense layouts only.
+    x = x.to(dtype)
+    assert tuple(x.shape) == tuple(shape)
+    return x
+
+
+# Layouts the kernels read in place (the output then has the input's strides).
+READ_IN_PLACE = ("contiguous", "channels_last", "channels_last_3d", "c_major")
+
+
+def _reference(x, weight, bias, running_mean, running_var, training, momentum, eps, dy):
+    """float64 outputs, grads and running buffers from torch's F.batch_norm."""
+    xr = x.detach().double().requires_grad_()
+    wr = weight.detach().double().requires_grad_() if weight is not None else None
+    br = bias.detach().double().requires_grad_() if bias is not None else None
+    rm = running_mean.double() if running_mean is not None else None
+    rv = running_var.double() if running_var is not None else None
+    y = F.batch_norm(xr, rm, rv, wr, br, training=training, momentum=momentum, eps=eps)
+    y.backward(dy.double())
+    return dict(y=y, dx=xr.grad, dw=wr.grad if wr is not None else None,
+                db=br.grad if br is not None else None, rm=rm, rv=rv)
+
+
+def _run_and_compare(shape, layout, dtype, training, affine=True, running=True,
+                     momentum=0.1, eps=1e-5, factor=1.0):
+    x = _make_input(shape, layout, dtype).requires_grad_()
+    C = shape[1]
+    pdt = PARAM_DTYPE[dtype]
+    weight = torch.randn(C, device=DEVICE, dtype=pdt).requires_grad_() if affine else None
+    bias = torch.randn(C, device=DEVICE, dtype=pdt).requires_grad_() if affine else None
+    rm = torch.randn(C, device=DEVICE, dtype=pdt) if running else None
+    rv = (torch.rand(C, device=DEVICE, dtype=pdt) + 0.5) if running else None
+    ref = _reference(x, weight, bias, rm, rv, training, momentum, eps,
+                     dy := torch.randn(shape, device=DEVICE).to(dtype))
+    y = fg.batch_norm(x, rm, rv, weight, bias, training=training, momentum=momentum, eps=eps)
+    assert y.dtype == dtype and y.shape == x.shape
+    if layout in READ_IN_PLACE:
+        assert y.stride() == x.stride(), "output must keep the input's memory format"
+    y.backward(dy)
+    assert_close(y, ref["y"], dtype, "y", factor)
+    assert_close(x.grad, ref["dx"], dtype, "dx", factor)
+    if affine:
+        assert weight.grad.dtype == pdt and bias.grad.dtype == pdt
+        assert_close(weight.grad, ref["dw"], dtype, "dweight", factor)
+        assert_close(bias.grad, ref["db"], dtype, "dbias", factor)
+    if running:
+        # Running statistics are computed in the float32 (float64) accumulation dtype.
+        assert_close(rm, ref["rm"], pdt, "running_mean", factor)
+        assert_close(rv, ref["rv"], pdt, "running_var", factor)
+
+
+# Shapes: each family, odd sizes, and shapes that split a channel over several programs.
+FP32_CASES = [
+    ((6, 5), "contiguous"),              # (N, C): rows fold into one channel-inner range
+    ((3, 5), "contiguous"),              # N = 3 (with two values per channel dx is exactly 0)
+    ((4, 3, 37), "contiguous"),          # (N, C, L), prime L
+    ((4, 3, 37), "c_major"),             # channel-major storage: spatial-inner, folded rows
+    ((2, 7, 5, 3), "contiguous"),        # N = 2, prime C
+    ((3, 4, 6, 5), "channels_last"),     # NHWC read in place
+    ((2, 1, 7, 9), "contiguous"),        # C = 1
+    ((2, 1, 7, 9), "channels_last"),     # C = 1, channels_last
+    ((16, 6, 1, 1), "contiguous"),       # H*W = 1 (folds to rows)
+    ((5, 3, 4, 4), "sliced_n"),          # non-dense (every other sample): copied
+    ((3, 4, 5, 6), "sliced_c"),          # non-dense: copied to contiguous
+    ((3, 4, 5, 6), "transposed"),        # dense but not collapsible: copied
+    ((2, 3, 3, 4, 5), "contiguous"),     # 3-D
+    ((2, 3, 3, 4, 5), "channels_last_3d"),
+    ((4, 3, 40, 40), "contiguous"),      # several splits per channel: merge path
+    ((8, 4, 16, 16), "channels_last"),   # several splits per channel block, channel-inner
+    ((3, 70, 5, 5), "channels_last"),    # C = 70 > 64: several channel blocks of 128 lanes
+    ((2, 40, 7, 7), "contiguous"),       # many channels, tiny 7x7 spatial
+]
+
+
+@pytest.mark.parametrize("shape,layout", FP32_CASES)
+def test_train_fp32(shape, layout):
+    _run_and_compare(shape, layout, torch.float32, training=True)
+
+
+@pytest.mark.parametrize("shape,layout", [
+    ((4, 3, 37), "contiguous"), ((3, 4, 6, 5), "channels_last"), ((5, 3, 4, 4), "sliced_n"),
+    ((2, 3, 3, 4, 5), "channels_last_3d"),
+])
+def test_eval_fp32(shape, layout):
+    _run_and_compare(shape, layout, torch.float32, training=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("shape,layout", [
+    ((4, 3, 9, 7), "contiguous"), ((3, 5, 6, 7), "channels_last"), ((6, 5), "contiguous"),
+])
+@pytest.mark.parametrize("training", [True, False])
+def test_dtypes(dtype, shape, layout, training):
+    # Half inputs use float32 weight, bias and running statistics (mixed precision).
+    _run_and_compare(shape, layout, dtype, training=training)
+
+
+@pytest.mark.parametrize("affine,running", [(False, True), (True, False), (False, False)])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_affine_and_running_options(affine, running, layout):
+    _run_and_compare((3, 4, 5, 6), layout, torch.float32, training=True, affine=affine,
+                     running=running)
+
+
+@pytest.mark.parametrize("momentum,eps", [(0.0, 1e-5), (1.0, 1e-3), (0.3, 0.1)])
+def test_momentum_and_eps(momentum, eps):
+    _run_and_compare((4, 3, 5, 6), "contiguous", torch.float32, training=True,
+                     momentum=momentum, eps=eps)
+
+
+def test_weight_without_bias_and_half_weights():
+    # weight without bias; and an all-half module's fp16 weight and buffers.
+    x = torch.randn(4, 3, 5, 6, device=DEVICE).half().requires_grad_()
+    w = torch.randn(3, device=DEVICE).half().requires_grad_()
+    rm, rv = torch.zeros(3, device=DEVICE).half(), torch.ones(3, device=DEVICE).half()
+    dy = torch.randn_like(x)
+    ref = _reference(x, w, None, rm, rv, True, 0.1, 1e-5, dy)
+    y = fg.batch_norm(x, rm, rv, w, None, training=True)
+    y.backward(dy)
+    assert rm.dtype == torch.float16 and w.grad.dtype == torch.float16
+    for name, out in (("y", y), ("dx", x.grad), ("dw", w.grad), ("rm", rm), ("rv", rv)):
+        assert_close(out, ref[name], torch.float16, name)
+
+
+def test_cancellation_keeps_variance():
+    # Large mean, tiny spread: a one-pass E[x^2] - E[x]^2 in fp32 would lose every digit.
+    x = 100 + 0.01 * torch.randn(4, 3, 40, 40, device=DEVICE)
+    for layout in ("contiguous", "channels_last"):
+        xx = x.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else x
+        rm, rv = torch.zeros(3, device=DEVICE), torch.ones(3, device=DEVICE)
+        y = fg.batch_norm(xx, rm, rv, training=True, momentum=1.0)
+        ref = _reference(x, None, None, torch.zeros(3), torch.ones(3), True, 1.0, 1e-5,
+                         torch.ones_like(x))
+        assert_close(rv, ref["rv"], torch.float32, f"running_var ({layout})")
+        assert_close(rm, ref["rm"], torch.float32, f"running_mean ({layout})")
+        # y = (x - mean) / std: the fp32 mean itself is only known to ulp(100)/2 = 3.8e-6, i.e.
+        # 3.8e-4 of a std: that bounds any fp32 implementation's y (torch's included).
+        assert rel_err(y, ref["y"]) < 1e-3
+
+
+def test_split_heuristics_fill_the_gpu():
+    # The two extremes of the issue, planned for an H100-sized target (132 SMs).
+    target = L.PROGRAMS_PER_SM * 132
+    for shape, fmt in [((32, 3, 512, 512), torch.contiguous_format),
+                       ((32, 64, 112, 112), torch.channels_last),
+                       ((32, 2048, 7, 7), torch.contiguous_format),
+                       ((32, 2048, 7, 7), torch.channels_last)]:
+        x = torch.empty(shape, device="meta").contiguous(memory_format=fmt)
+        plan = L.make_plan(x)
+        splits, tiles_per_split = L.num_splits(plan, target)
+        programs = splits * plan.n_cblocks
+        assert programs >= target // 2, (shape, plan, splits)
+        assert (splits - 1) * tiles_per_split < plan.n_tiles <= splits * tiles_per_split
+
+
+def test_small_shapes_exercise_the_merge():
+    # The shapes above named "several splits" really split under this device's target.
+    for shape, fmt in [((4, 3, 40, 40), torch.contiguous_format),
+                       ((8, 4, 16, 16), torch.channels_last)]:
+        x = torch.empty(shape, device=DEVICE).contiguous(memory_format=fmt)
+        splits, _ = L.num_splits(L.make_plan(x), L.target_programs(x.device))
+        assert splits > 1
+
+
+def test_deterministic():
+    x = torch.randn(4, 3, 40, 40, device=DEVICE, requires_grad=True)
+    w = torch.randn(3, device=DEVICE, requires_grad=True)
+    outs = []
+    for _ in range(2):
+        x.grad = w.grad = None
+        y = fg.batch_norm(x, None, None, w, None, training=True)
+        y.backward(torch.ones_like(y) * torch.arange(40.0, device=DEVICE))
+        outs.append((y.detach().clone(), x.grad.clone(), w.grad.clone()))
+    for a, b in zip(outs[0], outs[1], strict=True):
+        assert torch.equal(a, b)
+
+
+def test_empty_batch():
+    x = torch.randn(0, 3, 4, 5, device=DEVICE, requires_grad=True)
+    w = torch.randn(3, device=DEVICE, requires_grad=True)
+    b = torch.randn(3, device=DEVICE, requires_grad=True)
+    rm, rv = torch.randn(3, device=DEVICE), torch.rand(3, device=DEVICE)
+    rm0, rv0 = rm.clone(), rv.clone()
+    y = fg.batch_norm(x, rm, rv, w, b, training=True)
+    assert y.shape == x.shape
+    y.sum().backward()
+    assert torch.equal(rm, rm0) and torch.equal(rv, rv0)
+    assert torch.equal(w.grad, torch.zeros_like(w)) and torch.equal(b.grad, torch.zeros_like(b))
+
+
+def test_errors():
+    x = torch.randn(2, 3, 4, device=DEVICE)
+    rm, rv = torch.zeros(3, device=DEVICE), torch.ones(3, device=DEVICE)
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        fg.batch_norm(torch.randn(1, 3, device=DEVICE), rm, rv, training=True)
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        fg.batch_norm(torch.randn(1, 3, 1, 1, device=DEVICE), rm, rv, training=True)
+    with pytest.raises(ValueError, match="running_mean"):
+        fg.batch_norm(x, torch.zeros(4, device=DEVICE), rv, training=True)
+    with pytest.raises(ValueError, match="weight"):
+        fg.batch_norm(x, rm, rv, torch.ones(4, device=DEVICE), training=True)
+    with pytest.raises(ValueError, match="bias"):
+        fg.batch_norm(x, rm, rv, None, torch.ones(2, device=DEVICE), training=True)
+    with pytest.raises(ValueError, match="evaluation mode"):
+        fg.batch_norm(x, None, None, training=False)
+    with pytest.raises(ValueError, match="input"):
+        fg.batch_norm(torch.randn(3, device=DEVICE), rm, rv, training=True)
+    with pytest.raises(TypeError, match="input"):
+        fg.batch_norm(x.long(), rm, rv, training=True)
+    with pytest.raises(ValueError, match="eps"):
+        fg.batch_norm(x, rm, rv, training=True, eps=0.0)
+    with pytest.raises(TypeError, match="momentum"):
+        fg.batch_norm(x, rm, rv, training=True, momentum=None)
+    # One value per channel is fine in eval, as in torch.
+    y = fg.batch_norm(torch.randn(1, 3, device=DEVICE), rm, rv, training=False)
+    assert torch.isfinite(y).all()
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_gradcheck(training):
+    x = torch.randn(3, 2, 5, device=DEVICE, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(2, device=DEVICE, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(2, device=DEVICE, dtype=torch.float64, requires_grad=True)
+    rm = torch.randn(2, device=DEVICE, dtype=torch.float64)
+    rv = torch.rand(2, device=DEVICE, dtype=torch.float64) + 0.5
+
+    def fn(x, w, b):
+        # momentum 0 keeps the buffers fixed between gradcheck's evaluations.
+        return fg.batch_norm(x, rm, rv, w, b, training=training, momentum=0.0)
+
+    assert torch.autograd.gradcheck(fn, (x, w, b))
+
+
+def test_opcheck():
+    from torch.library import opcheck
+
+    x = torch.randn(3, 4, 5, 6, device=DEVICE, requires_grad=True)
+    xcl = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
+    w = torch.randn(4, device=DEVICE, requires_grad=True)
+    b = torch.randn(4, device=DEVICE, requires_grad=True)
+    rm, rv = torch.randn(4, device=DEVICE), torch.rand(4, device=DEVICE) + 0.5
+    nbt = torch.tensor(3, device=DEVICE)
+    mean, invstd = torch.ops.fusedgrad.batch_norm_stats(x.detach(), rm.clone(), rv.clone(),
+                                                        None, 0.1, False, 1e-5)
+    for xin in (x, xcl):
+        opcheck(torch.ops.fusedgrad.batch_norm_stats,
+                (xin.detach(), rm.clone(), rv.clone(), nbt, 0.0, True, 1e-5))
+        opcheck(torch.ops.fusedgrad.batch_norm_stats,
+                (xin.detach(), None, None, None, 0.1, False, 1e-5))
+        opcheck(torch.ops.fusedgrad.batch_norm_train, (xin, w, b, mean, invstd, 1e-5))
+        opcheck(torch.ops.fusedgrad.batch_norm_train, (xin, None, None, mean, invstd, 1e-5))
+        opcheck(torch.ops.fusedgrad.batch_norm_eval, (xin, w, b, rm, rv, 1e-5))
+        opcheck(torch.ops.fusedgrad.batch_norm_backward,
+                (torch.randn_like(xin), xin.detach(), w.detach(), mean, invstd, False, True,
+                 1e-5, True, True))
+        opcheck(torch.ops.fusedgrad.batch_norm_backward,
+                (torch.randn_like(xin), xin.detach(), None, rm, rv, True, False, 1e-5, True,
+                 False))
+
+
+def test_compile_fullgraph_training_step():
+    # On CPU (interpreter) aot_eager traces with fake tensors without a C++ compiler.
+    backend = "inductor" if DEVICE == "cuda" else "aot_eager"
+    C = 4
+    w = torch.randn(C, device=DEVICE, requires_grad=True)
+    b = torch.randn(C, device=DEVICE, requires_grad=True)
+    rm, rv = torch.zeros(C, device=DEVICE), torch.ones(C, device=DEVICE)
+
+    def step(x):
+        y = fg.batch_norm(x, rm, rv, w, b, training=True, momentum=0.1)
+        return (y * y).sum()
+
+    compiled = torch.compile(step, fullgraph=True, backend=backend)
+    x = torch.randn(3, C, 5, 6, device=DEVICE).contiguous(memory_format=torch.channels_last)
+    loss = compiled(x)
+    loss.backward()
+    ref = _reference(x, w, b, torch.zeros(C), torch.ones(C), True, 0.1, 1e-5,
+                     2 * F.batch_norm(x.double().cpu(), None, None, w.detach().double().cpu(),
+                                      b.detach().double().cpu(), training=True))
+    assert_close(w.grad, ref["dw"], torch.float32, "dweight")
+    assert_close(rv, ref["rv"], torch.float32, "running_var")
+
+
+_STATIC_SCRIPT = """
+import json
+from fusedgrad import _bn_launch, static_check
+reports = static_check.compile_all(_bn_launch.static_configs(), arch=90, workers=2)
+print(json.dumps([[r.name, r.registers, r.problems()] for r in reports]))
+"""
+
+
+def test_static_compile_sm90():
+    # Every configuration the launcher can choose compiles for sm_90: no spills, shared
+    # memory within the limit. Compiling needs real (not interpreted) @triton.jit functions,
+    # so it runs in a fresh interpreter without TRITON_INTERPRET (~35 s on 2 cores).
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-c", _STATIC_SCRIPT], env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-4000:]
+    reports = json.loads(res.stdout.strip().splitlines()[-1])
+    assert len(reports) == len(L.static_configs())
+    problems = {name: probs for name, _, probs in reports if probs}
+    assert not problems, problems
+    assert max(regs for _, regs, _ in reports) <= 255
