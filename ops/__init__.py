@@ -8,3 +8,4 @@ __version__ = "0.1.0"
 
 from .cross_entropy import CrossEntropyLoss, cross_entropy  # noqa: E402
 from .batch_norm import batch_norm  # noqa: E402
+from .batch_norm_modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, convert_batchnorm  # noqa: E402, E501
