@@ -27,6 +27,7 @@ from .common import (
     compiled,
     dtype_size,
     fused_op,
+    non_leaf,
     run_impl,
     skipped,
     torch_dtype,
@@ -103,26 +104,33 @@ def run_case(case: Case, ctx: Context) -> list[dict]:
     min_bytes = minimal_bytes(shape, case.dtype, case.mode)
 
     def make_inputs():
-        x = torch.randn(shape, device="cuda", dtype=dtype).to(memory_format=fmt)
+        x = torch.randn(shape, device=ctx.device, dtype=dtype).to(memory_format=fmt)
+        def per_channel(scale, offset):
+            return offset + scale * torch.randn(n_channels, device=ctx.device)
+
         s = {
-            "x": x.requires_grad_(backward),
-            "rm": torch.zeros(n_channels, device="cuda"),
-            "rv": torch.ones(n_channels, device="cuda"),
-            "w": (1 + 0.1 * torch.randn(n_channels, device="cuda")).requires_grad_(backward),
-            "b": (0.1 * torch.randn(n_channels, device="cuda")).requires_grad_(backward),
+            "x": x,
+            "anchor": torch.zeros((), device=ctx.device, requires_grad=True),
+            "rm": torch.zeros(n_channels, device=ctx.device),
+            "rv": torch.ones(n_channels, device=ctx.device),
+            "w": per_channel(0.1, 1.0).requires_grad_(backward),
+            "b": per_channel(0.1, 0.0).requires_grad_(backward),
         }
         if backward:
-            s["dy"] = torch.randn(shape, device="cuda", dtype=dtype).to(memory_format=fmt)
+            s["dy"] = torch.randn(shape, device=ctx.device, dtype=dtype).to(memory_format=fmt)
         return s
 
     def leaves(s):
-        return (s["x"], s["w"], s["b"]) if backward else ()
+        return (s["w"], s["b"]) if backward else ()
 
     def step_of(bn_fn):
         def step(s):
-            y = bn_fn(s["x"], s["rm"], s["rv"], s["w"], s["b"])
-            if backward:
-                y.backward(s["dy"])
+            if not backward:
+                return bn_fn(s["x"], s["rm"], s["rv"], s["w"], s["b"])
+            # x enters as a non-leaf, as a conv's output does (see common.non_leaf);
+            # weight and bias are leaves (parameters) and accumulate their gradients.
+            y = bn_fn(non_leaf(s["x"], s["anchor"]), s["rm"], s["rv"], s["w"], s["b"])
+            y.backward(s["dy"])
             return y
 
         return step

@@ -76,6 +76,8 @@ class Context:
     impls: set                 # implementations selected on the command line
     copy_gbps: float           # measured device-to-device copy bandwidth
     rep_ms: int = 100
+    device: str = "cuda"       # where inputs live ("cpu" only for the tests' dry run)
+    measure: Callable | None = None  # None: bench.timing.measure (tests pass a stand-in)
 
 
 def new_record(case: Case, impl: str, **fields) -> dict:
@@ -150,6 +152,40 @@ def compiled(fn: Callable) -> Callable:
     return torch.compile(fn, dynamic=False)
 
 
+_NON_LEAF = None
+
+
+def non_leaf(x, anchor):
+    """``x`` as a non-leaf autograd tensor, at no cost: the logits/activations of a model.
+
+    In a model the tensor a loss or a normalisation reads is the output of an earlier
+    layer, and its gradient flows on into that layer. Benchmarking on a leaf instead
+    would (a) add ``AccumulateGrad``'s work (it copies a gradient that something else
+    still references) and (b) forbid in-place gradients (``inplace_backward``). So each
+    timed call re-enters ``x`` (a tensor that does not require grad) into autograd
+    through an identity Function marked as an in-place op: no data is moved, and the
+    gradient arriving at it is dropped, as the earlier layer would consume it. ``anchor``
+    is a 0-d leaf requiring grad, which makes the output require grad.
+    """
+    global _NON_LEAF
+    if _NON_LEAF is None:
+        import torch
+
+        class NonLeaf(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, t, _anchor):
+                ctx.mark_dirty(t)
+                return t
+
+            @staticmethod
+            def backward(ctx, grad):
+                return None, None
+
+        _NON_LEAF = NonLeaf
+    # detach(): a fresh alias each call, so the calls do not chain autograd nodes.
+    return _NON_LEAF.apply(x.detach(), anchor)
+
+
 def run_impl(case: Case, ctx: Context, impl: str, make_inputs, step, *, set_bytes: int,
              min_bytes: int, bytes_model: str, leaves=lambda s: (), kernel_bytes=None) -> dict:
     """Measure one implementation of ``case``; errors and OOM become records, not crashes."""
@@ -158,7 +194,8 @@ def run_impl(case: Case, ctx: Context, impl: str, make_inputs, step, *, set_byte
     from . import timing
 
     try:
-        m = timing.measure(make_inputs, step, set_bytes, leaves=leaves, rep_ms=ctx.rep_ms)
+        measure = ctx.measure or timing.measure
+        m = measure(make_inputs, step, set_bytes, leaves=leaves, rep_ms=ctx.rep_ms)
     except torch.cuda.OutOfMemoryError as exc:
         timing.free_memory()
         return skipped(case, impl, f"out of memory: {str(exc).splitlines()[0]}", status="oom")

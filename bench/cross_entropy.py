@@ -2,7 +2,9 @@
 
 Cases: bf16 and fp32 logits, rows in {4096, 8192, 16384} x V in {32000, 50257, 128256,
 151936, 256000}; forward+backward (``loss.backward()`` on a mean loss) and forward only
-(logits without grad). Forward+backward also times fusedgrad's ``inplace_backward``
+(logits without grad). The logits enter as a non-leaf tensor, as in a model, so the
+gradient is produced and handed on, never accumulated into ``.grad`` (see
+``common.non_leaf``). Forward+backward also times fusedgrad's ``inplace_backward``
 mode (gradient written into the logits' storage, as Liger-Kernel always does).
 
 Bytes models (next to the benchmark, as the README promises):
@@ -35,6 +37,7 @@ from .common import (
     dtype_size,
     fused_op,
     liger_cross_entropy,
+    non_leaf,
     run_impl,
     skipped,
     torch_dtype,
@@ -100,18 +103,19 @@ def run_case(case: Case, ctx: Context) -> list[dict]:
     min_bytes = minimal_bytes(n_rows, vocab, case.dtype, case.mode)
 
     def make_inputs():
-        logits = torch.randn(n_rows, vocab, device="cuda", dtype=dtype)
-        target = torch.randint(0, vocab, (n_rows,), device="cuda")
-        return {"x": logits.requires_grad_(backward), "t": target}
-
-    def leaves(s):
-        return (s["x"],) if backward else ()
+        return {
+            "x": torch.randn(n_rows, vocab, device=ctx.device, dtype=dtype),
+            "t": torch.randint(0, vocab, (n_rows,), device=ctx.device),
+            "anchor": torch.zeros((), device=ctx.device, requires_grad=True),
+        }
 
     def step_of(loss_fn):
         def step(s):
-            loss = loss_fn(s["x"], s["t"])
-            if backward:
-                loss.backward()
+            if not backward:
+                return loss_fn(s["x"], s["t"])
+            # The logits enter as a non-leaf, as a model's do (see common.non_leaf).
+            loss = loss_fn(non_leaf(s["x"], s["anchor"]), s["t"])
+            loss.backward()
             return loss
 
         return step
@@ -150,5 +154,5 @@ def run_case(case: Case, ctx: Context) -> list[dict]:
             raise AssertionError(impl)
         records.append(run_impl(case, ctx, impl, make_inputs, step_of(loss_fn),
                                 set_bytes=set_bytes, min_bytes=min_bytes, bytes_model="minimal",
-                                leaves=leaves, kernel_bytes=kernel_bytes))
+                                kernel_bytes=kernel_bytes))
     return records

@@ -62,11 +62,11 @@ def run_lm_head(case: Case, ctx: Context) -> list[dict]:
 
     def make_inputs():
         return {
-            "h": torch.randn(tokens, hidden, device="cuda", dtype=torch.bfloat16,
+            "h": torch.randn(tokens, hidden, device=ctx.device, dtype=torch.bfloat16,
                              requires_grad=True),
-            "W": (torch.randn(vocab, hidden, device="cuda", dtype=torch.bfloat16)
+            "W": (torch.randn(vocab, hidden, device=ctx.device, dtype=torch.bfloat16)
                   * hidden ** -0.5).requires_grad_(),
-            "t": torch.randint(0, vocab, (tokens,), device="cuda"),
+            "t": torch.randint(0, vocab, (tokens,), device=ctx.device),
         }
 
     def leaves(s):
@@ -138,12 +138,12 @@ def run_resnet_block(case: Case, ctx: Context) -> list[dict]:
 
     n, c, h, w = (case.shape[k] for k in "NCHW")
     torch.manual_seed(0)
-    base = resnet_block(c).cuda().to(memory_format=torch.channels_last)
+    base = resnet_block(c).to(ctx.device).to(memory_format=torch.channels_last)
     set_bytes = 2 * n * c * h * w * 2  # x and dy, bf16
 
     def make_inputs():
         def act():
-            return torch.randn(n, c, h, w, device="cuda", dtype=torch.bfloat16).to(
+            return torch.randn(n, c, h, w, device=ctx.device, dtype=torch.bfloat16).to(
                 memory_format=torch.channels_last)
 
         return {"x": act(), "dy": act()}
@@ -152,7 +152,7 @@ def run_resnet_block(case: Case, ctx: Context) -> list[dict]:
         params = list(model.parameters())
 
         def step(s):
-            with torch.autocast("cuda", dtype=torch.bfloat16):
+            with torch.autocast(ctx.device, dtype=torch.bfloat16):
                 y = model(s["x"])
             y.backward(s["dy"])
             return y

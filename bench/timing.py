@@ -52,8 +52,9 @@ def input_sets_needed(set_bytes: int, l2: int, factor: int = L2_ROTATION_FACTOR,
 
 def free_memory() -> None:
     gc.collect()
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
 
 
 def measure(make_inputs: Callable[[], dict], step: Callable[[dict], object], set_bytes: int,

@@ -4,6 +4,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 # bench/ is a folder of the repository (run as `python -m bench`), not an installed package.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -74,3 +75,53 @@ def test_batch_norm_bytes():
 def test_rotation_count(set_bytes, expected):
     # Enough distinct input sets to rotate through 4x a 50 MiB L2, at most 8.
     assert input_sets_needed(set_bytes, 50 * 2**20) == expected
+
+
+# --- dry run: every benchmark's code path on tiny CPU shapes -----------------------------
+# Timing needs CUDA, but building inputs, the step functions (forward, backward, inplace,
+# convert_batchnorm, autocast) and the record plumbing do not: run them on CPU tensors
+# (kernels through the interpreter) with a stand-in for the timer. torch.compile is left
+# out: on CPU it would build C++ kernels for minutes.
+TINY = {
+    "ce bf16 8192x128256 fwd+bwd": {"rows": 3, "vocab": 37},
+    "ce fp32 4096x32000 fwd": {"rows": 2, "vocab": 50},
+    "bn bf16 cl 64x64x56x56 fwd+bwd": {"N": 2, "C": 3, "H": 4, "W": 3},
+    "bn fp16 contig 16x3x512x512 fwd": {"N": 2, "C": 3, "H": 3, "W": 2},
+    "e2e lm_head bf16 8192x2048->128256 step": {"tokens": 3, "hidden": 8, "vocab": 40},
+    "e2e resnet_block bf16 cl 64x64x56x56 step": {"N": 1, "C": 4, "H": 4, "W": 4},
+}
+
+
+def _fake_measure(make_inputs, step, set_bytes, leaves=lambda s: (), rep_ms=0):
+    s = make_inputs()
+    for _ in range(2):  # twice: a second call must work on what the first left behind
+        step(s)
+        for t in leaves(s):
+            assert t.grad is not None and torch.isfinite(t.grad.float()).all()
+            t.grad = None
+    return {"ms": 1.0, "peak_mem_bytes": 0, "peak_extra_bytes": 0, "input_sets": 1}
+
+
+@pytest.mark.parametrize("name", list(TINY))
+def test_dry_run_on_cpu(name):
+    import dataclasses
+
+    from bench.cli import all_cases
+    from bench.common import Context, add_speedups
+
+    if torch.cuda.is_available():
+        pytest.skip("the dry run is for machines without CUDA (with CUDA, run the bench)")
+    case = next(c for c in all_cases() if c.name == name)
+    case = dataclasses.replace(case, shape=TINY[name])
+    ctx = Context(impls={FUSED, FUSED_INPLACE, TORCH, LIGER}, copy_gbps=1000.0, device="cpu",
+                  measure=_fake_measure)
+    records = case.run(case, ctx)
+    add_speedups(records)
+    assert {r["impl"] for r in records} == set(case.impls) - {COMPILE}
+    for r in records:
+        if r["impl"] == LIGER and r["status"] == "unavailable":
+            continue  # optional peer, not installed here
+        assert r["status"] == "ok", (r["impl"], r["reason"])
+        assert r["ms"] == 1.0
+    fused = next(r for r in records if r["impl"] == FUSED)
+    assert fused["speedup"][TORCH] == 1.0
