@@ -152,7 +152,11 @@ def run_without_cuda(args) -> int:
     return 1 if rc else 0
 
 
-def run_benchmarks(args, cases) -> int:
+def run_benchmarks(args, cases, *, device: str = "cuda", measure=None) -> int:
+    """Run ``cases`` and write the JSON, markdown, plots and table.
+
+    device/measure: only for the tests' CPU dry run (see tests/test_bench_cli.py).
+    """
     import torch
 
     from . import plots, report, timing
@@ -171,7 +175,8 @@ def run_benchmarks(args, cases) -> int:
     if LIGER in impls and liger_fn is None:
         print(f"liger: skipped, {liger_reason}", flush=True)
     ctx = Context(impls=impls, copy_gbps=copy["gbps"],
-                  rep_ms=args.rep_ms or (timing.QUICK_REP_MS if args.quick else timing.REP_MS))
+                  rep_ms=args.rep_ms or (timing.QUICK_REP_MS if args.quick else timing.REP_MS),
+                  device=device, measure=measure)
     stem = report.results_stem(meta["device"], meta["date"])
     json_path = args.out / f"{stem}.json"
     md_path = args.out / f"{stem}.md"
@@ -189,6 +194,7 @@ def run_benchmarks(args, cases) -> int:
                     bar.write(f"  {case.name} / {r['impl']}: {r['status']}: {r['reason']}")
             # Written after every case: a run stopped by a time limit keeps what it measured.
             report.write_json(json_path, meta, records)
+            report.write_markdown(md_path, meta, records)
             bar.update(1)
     finally:
         bar.close()

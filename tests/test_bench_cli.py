@@ -85,3 +85,50 @@ def test_python_m_bench_without_gpu_runs_the_smoke():
     summary = next(ln for ln in res.stdout.splitlines() if ln.startswith("smoke: ") and
                    "passed" in ln)
     assert " 0 failed" in summary and " 0 not available" in summary
+
+
+def test_run_writes_json_markdown_plots_and_table(tmp_path, monkeypatch, capsys):
+    # The CUDA run's output path, on CPU: tiny shapes, kernels through the interpreter,
+    # a stand-in timer, and the device facts replaced by fixed ones.
+    import dataclasses
+
+    from bench import plots, report, timing
+    from bench.synthetic import META
+
+    if torch.cuda.is_available():
+        pytest.skip("with CUDA, `python -m bench` itself exercises this path")
+    monkeypatch.setattr(report, "environment", lambda: dict(META))
+    monkeypatch.setattr(timing, "copy_bandwidth_gbps",
+                        lambda: {"gbps": 1000.0, "bytes": 2**30, "ms": 1.0})
+    tiny = {"ce bf16 8192x128256 fwd+bwd": {"rows": 3, "vocab": 37},
+            "bn bf16 cl 64x64x56x56 fwd+bwd": {"N": 2, "C": 3, "H": 4, "W": 3}}
+    cases = [dataclasses.replace(c, shape=tiny[c.name], size=100 * (i + 1))
+             for i, c in enumerate(cli.all_cases()) if c.name in tiny]
+    args = cli.parse_args(["--impl", "fusedgrad,inplace,torch", "--out", str(tmp_path),
+                           "--plain"])
+    times = iter([1.0, 0.5, 2.0, 0.8, 1.6] * 4)
+
+    def fake_measure(make_inputs, step, set_bytes, leaves=lambda s: (), rep_ms=0):
+        step(make_inputs())
+        return {"ms": next(times), "peak_mem_bytes": 2**20, "peak_extra_bytes": 0,
+                "input_sets": 1}
+
+    assert cli.run_benchmarks(args, cases, device="cpu", measure=fake_measure) == 0
+    out = capsys.readouterr().out
+    stem = report.results_stem(META["device"], META["date"])
+    meta, records = report.read_json(tmp_path / f"{stem}.json")
+    assert meta["complete"] is True and meta["copy_gbps"] == 1000.0
+    assert [(r["case"], r["impl"], r["status"]) for r in records] == [
+        ("ce bf16 8192x128256 fwd+bwd", "fusedgrad", "ok"),
+        ("ce bf16 8192x128256 fwd+bwd", "fusedgrad (inplace)", "ok"),
+        ("ce bf16 8192x128256 fwd+bwd", "torch", "ok"),
+        ("bn bf16 cl 64x64x56x56 fwd+bwd", "fusedgrad", "ok"),
+        ("bn bf16 cl 64x64x56x56 fwd+bwd", "torch", "ok"),
+    ]
+    assert records[0]["speedup"] == {"torch": 2.0}
+    assert records[3]["speedup"] == {"torch": 2.0}  # 1.6 ms / 0.8 ms
+    assert (tmp_path / f"{stem}.md").read_text().startswith("# fusedgrad benchmark")
+    assert "ce bf16 8192x128256 fwd+bwd" in out and "2.00x" in out
+    if plots.matplotlib_missing() is None:
+        assert (tmp_path / f"{stem}-cross_entropy.png").exists()
+        assert (tmp_path / f"{stem}-batch_norm.png").exists()
