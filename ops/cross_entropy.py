@@ -159,27 +159,44 @@ def _(grad, grad_output):
     return None
 
 
-def _scaled_grad(grad: Tensor, grad_output: Tensor) -> Tensor:
+def _scaled_grad(ctx, grad_output: Tensor) -> Tensor:
+    """dL/dinput = (saved gradient for grad_output 1) * grad_output.
+
+    The first backward scales the saved buffer in place (nothing at all is read or
+    written where grad_output == 1) and returns it: no new N x V buffer. A further
+    backward through a retained graph (gradcheck does this) finds the buffer holding
+    G * applied and returns a new tensor G * applied * (grad_output / applied); an
+    earlier grad_output of exactly 0 cannot be undone and gives NaN, never a
+    plausible number.
+
+    The buffer is kept as a ctx attribute, not via save_for_backward, because the
+    in-place scaling would trip the saved-tensor version check on that second pass.
+    """
+    grad = ctx.grad_buffer
     if grad_output.dtype != grad.dtype:
         grad_output = grad_output.to(grad.dtype)
-    torch.ops.fusedgrad.cross_entropy_bwd_(grad, grad_output)
-    return grad
+    if ctx.applied_grad_output is None:
+        torch.ops.fusedgrad.cross_entropy_bwd_(grad, grad_output)
+        ctx.applied_grad_output = grad_output
+        return grad
+    ratio = grad_output / ctx.applied_grad_output
+    if ratio.dim() > 0 and grad.dim() > 1:
+        ratio = ratio.unsqueeze(1)  # per-row factor broadcast over the class dim
+    return grad * ratio
 
 
 def _setup_context(ctx, inputs, output):
     _, grad = output
     ctx.mark_non_differentiable(grad)
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(grad)
+    ctx.grad_buffer = grad
+    ctx.applied_grad_output = None
 
 
 def _backward(ctx, grad_loss, _grad_grad):
-    (grad,) = ctx.saved_tensors
     if grad_loss is None:
         return (None,) * 9
-    # Saved at the forward's version: a second backward through a retained graph sees the
-    # in-place scaling below and raises torch's usual "modified by an inplace operation".
-    return (_scaled_grad(grad, grad_loss),) + (None,) * 8
+    return (_scaled_grad(ctx, grad_loss),) + (None,) * 8
 
 
 cross_entropy_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -194,15 +211,15 @@ class _InplaceCrossEntropy(torch.autograd.Function):
         loss = torch.ops.fusedgrad.cross_entropy_fwd_inplace(
             input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap)
         ctx.mark_dirty(input)
-        ctx.save_for_backward(input)
+        ctx.grad_buffer = input
+        ctx.applied_grad_output = None
         return loss, input
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_input_out):
-        (grad,) = ctx.saved_tensors
         if grad_loss is None:
             return (None,) * 8
-        return (_scaled_grad(grad, grad_loss),) + (None,) * 7
+        return (_scaled_grad(ctx, grad_loss),) + (None,) * 7
 
 
 # ---------------------------------------------------------------- public API
