@@ -74,11 +74,11 @@ def _check_inputs(input, running_mean, running_var, weight, bias, training, mome
 
 
 def _as_acc(t, acc):
-    """A [C] view of t in the accumulation dtype (a copy only if the dtype differs)."""
+    """A contiguous [C] view of t in the accumulation dtype (a copy only if needed)."""
     if t is None:
         return None
     t = t.reshape(-1)
-    return t if t.dtype == acc else t.to(acc)
+    return t if (t.dtype == acc and t.is_contiguous()) else t.to(acc).contiguous()
 
 
 def _fake_output(x: torch.Tensor) -> torch.Tensor:

@@ -128,11 +128,34 @@ def test_dtypes(dtype, shape, layout, training):
     _run_and_compare(shape, layout, dtype, training=training)
 
 
-@pytest.mark.parametrize("affine,running", [(False, True), (True, False), (False, False)])
+@pytest.mark.parametrize("affine,running,training", [
+    (False, True, True), (True, False, True), (False, False, True),
+    (False, True, False),  # eval without parameters: dx only, no reduction pass
+])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_affine_and_running_options(affine, running, layout):
-    _run_and_compare((3, 4, 5, 6), layout, torch.float32, training=True, affine=affine,
+def test_affine_and_running_options(affine, running, training, layout):
+    _run_and_compare((3, 4, 5, 6), layout, torch.float32, training=training, affine=affine,
                      running=running)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_strided_parameters_and_expanded_grad(training):
+    # A strided weight view, a strided running_var view (updated in place through a copy),
+    # and a gradient with stride 0 along N (y.sum(0) feeds the loss).
+    x = torch.randn(3, 4, 5, 6, device=DEVICE).requires_grad_()
+    wbase = torch.randn(4, 2, device=DEVICE).requires_grad_()
+    w = wbase[:, 0]
+    rbuf = torch.rand(4, 2, device=DEVICE) + 0.5
+    rm, rv = torch.randn(4, device=DEVICE), rbuf[:, 1]
+    assert not w.is_contiguous() and not rv.is_contiguous()
+    v = torch.randn(4, 5, 6, device=DEVICE)
+    ref = _reference(x, w, None, rm, rv, training, 0.1, 1e-5, v.expand(3, 4, 5, 6))
+    y = fg.batch_norm(x, rm, rv, w, None, training=training)
+    (y.sum(0) * v).sum().backward()
+    assert_close(y, ref["y"], torch.float32, "y")
+    assert_close(x.grad, ref["dx"], torch.float32, "dx")
+    assert_close(wbase.grad[:, 0], ref["dw"], torch.float32, "dweight")
+    assert_close(rbuf[:, 1], ref["rv"], torch.float32, "running_var (strided, in place)")
 
 
 @pytest.mark.parametrize("momentum,eps", [(0.0, 1e-5), (1.0, 1e-3), (0.3, 0.1)])
