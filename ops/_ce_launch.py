@@ -65,7 +65,8 @@ def needs_large_offsets(*tensors: torch.Tensor) -> bool:
     for t in tensors:
         if t is None or t.numel() == 0:
             continue
-        span = sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride()))
+        span = sum((size - 1) * abs(stride)
+                   for size, stride in zip(t.shape, t.stride(), strict=True))
         if span >= _INT32_LIMIT:
             return True
     return False

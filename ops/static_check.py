@@ -128,34 +128,49 @@ def compile_config(cfg: KernelConfig, arch: int = 90) -> CompileReport:
     )
 
 
+def _kernel_ref(fn) -> tuple[str, str]:
+    """(module, name) of a @triton.jit function, interpreted or not."""
+    inner = getattr(fn, "fn", fn)
+    return inner.__module__, inner.__name__
+
+
+def _compile_spec(spec: dict, arch: int) -> CompileReport:
+    """Worker entry point: resolve the kernel by name (JIT functions do not pickle)."""
+    import importlib
+
+    module, name = spec.pop("fn_ref")
+    fn = getattr(importlib.import_module(module), name)
+    return compile_config(KernelConfig(fn=fn, **spec), arch)
+
+
 def compile_all(configs: Iterable[KernelConfig], arch: int = 90,
                 workers: int | None = None) -> list[CompileReport]:
-    """Compile many configurations, in parallel processes (compilation is CPU bound)."""
-    configs = list(configs)
-    if workers == 1 or len(configs) <= 1:
-        return [compile_config(c, arch) for c in configs]
+    """Compile many configurations in worker processes (compilation is CPU bound).
+
+    Workers are fresh processes without TRITON_INTERPRET, so this works from a
+    process whose kernels run in Triton's interpreter (the CPU test suite).
+    """
     import concurrent.futures as cf
     import multiprocessing as mp
     import os
 
-    global _PENDING
+    configs = list(configs)
+    if not configs:
+        return []
+    specs = []
+    for c in configs:
+        spec = {f.name: getattr(c, f.name) for f in dataclasses.fields(c) if f.name != "fn"}
+        spec["fn_ref"] = _kernel_ref(c.fn)
+        specs.append(spec)
     workers = workers or max(1, min(len(configs), os.cpu_count() or 1))
-    # Forked workers inherit the configs; only indices cross the process boundary
-    # (JIT functions do not pickle).
-    _PENDING = configs
+    saved = os.environ.pop("TRITON_INTERPRET", None)
     try:
-        ctx = mp.get_context("fork")
+        ctx = mp.get_context("spawn")
         with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-            return list(pool.map(_compile_pending, range(len(configs)), [arch] * len(configs)))
+            return list(pool.map(_compile_spec, specs, [arch] * len(specs), chunksize=4))
     finally:
-        _PENDING = []
-
-
-_PENDING: list[KernelConfig] = []
-
-
-def _compile_pending(index: int, arch: int) -> CompileReport:
-    return compile_config(_PENDING[index], arch)
+        if saved is not None:
+            os.environ["TRITON_INTERPRET"] = saved
 
 
 # Launcher modules (inside the fusedgrad package) that expose ``static_configs()``.

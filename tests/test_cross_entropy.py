@@ -8,11 +8,12 @@ with the per-dtype tolerance table in helpers.py.
 import pytest
 import torch
 import torch.nn.functional as F
-from ce_reference import reference_cross_entropy, reference_with_grad
-from helpers import DEVICE, assert_close
 
 import fusedgrad as fg
 from fusedgrad import _ce_launch
+
+from ce_reference import reference_cross_entropy, reference_with_grad
+from helpers import DEVICE, assert_close
 
 ALL_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 

@@ -4,10 +4,11 @@ fusedgrad.cross_entropy (ops/cross_entropy.py)."""
 import pytest
 import torch
 import torch.nn.functional as F
-from ce_reference import reference_with_grad
-from helpers import DEVICE, assert_close
 
 import fusedgrad as fg
+
+from ce_reference import reference_with_grad
+from helpers import DEVICE, assert_close
 
 
 def logits(shape, dtype=torch.float32):
