@@ -277,6 +277,9 @@ def markdown_summary(meta: dict, records: list[dict]) -> str:
         f"{meta.get('cuda', '?')}, driver {meta.get('driver', '?')}, Liger-Kernel "
         f"{meta.get('liger_kernel') or 'not installed'}; commit {meta.get('git_commit', '?')}; "
         f"`{meta.get('command', 'python -m bench')}`.")
+    if meta.get("complete") is False:
+        lines.append("**Partial run**: the benchmark stopped (or is still running) before its "
+                     "last case; the tables hold what was measured so far.")
     if meta.get("copy_gbps"):
         lines.append(f"Device-to-device copy in the same run: **{meta['copy_gbps']:,.0f} GB/s** "
                      "(bytes read + written).")

@@ -118,3 +118,10 @@ def test_markdown_of_filtered_run_uses_first_case_per_family():
 def test_write_markdown(tmp_path):
     p = report.write_markdown(tmp_path / "s.md", META, synthetic_records())
     assert p.read_text().startswith("# fusedgrad benchmark")
+
+
+def test_markdown_marks_partial_runs():
+    md = report.markdown_summary(dict(META, complete=False), synthetic_records())
+    assert "**Partial run**" in md
+    assert "**Partial run**" not in report.markdown_summary(dict(META, complete=True),
+                                                            synthetic_records())
