@@ -158,6 +158,7 @@ def main() -> int:
               f"({type(exc).__name__}: {exc}); nothing judged")
         return 2
     import torch
+
     from fusedgrad import _alloc
 
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -11,9 +11,8 @@ REPO = Path(__file__).resolve().parents[1]
 # bench/ is a folder of the repository (run as `python -m bench`), not an installed package.
 sys.path.insert(0, str(REPO))
 
-from fusedgrad import static_check  # noqa: E402
-
 from bench import static  # noqa: E402
+from fusedgrad import static_check  # noqa: E402
 
 
 def _report(**kw):
