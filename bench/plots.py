@@ -63,6 +63,7 @@ def plot_family(family: str, records: list[dict], path: Path, copy_gbps: float |
             ax.axhline(copy_gbps, color="grey", linewidth=0.8, linestyle=":",
                        label="copy bandwidth")
         ax.set_xscale("log")
+        ax.set_ylim(bottom=0)  # bandwidth from zero: no exaggerated gaps
         ax.set_title(" ".join(k for k in key if k), fontsize=10)
         ax.set_xlabel("elements")
         ax.set_ylabel("GB/s (minimal bytes)")
