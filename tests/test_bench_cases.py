@@ -70,10 +70,10 @@ def test_batch_norm_bytes():
     assert batch_norm.fused_kernel_bytes(shape, "fp32", "fwd+bwd") == 8 * m + per_channel
 
 
-@pytest.mark.parametrize("set_bytes,expected", [(0, 1), (10 * 2**20, 8), (100 * 2**20, 2),
-                                                (2**33, 1)])
+@pytest.mark.parametrize("set_bytes,expected", [(0, 1), (2**20, 64), (10 * 2**20, 20),
+                                                (100 * 2**20, 2), (2**33, 1)])
 def test_rotation_count(set_bytes, expected):
-    # Enough distinct input sets to rotate through 4x a 50 MiB L2, at most 8.
+    # Enough distinct input sets to rotate through 4x a 50 MiB L2, at most 64.
     assert input_sets_needed(set_bytes, 50 * 2**20) == expected
 
 
