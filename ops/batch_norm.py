@@ -25,7 +25,8 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 # ----------------------------------------------------------------------------- validation
 
 
-def _check_inputs(input, running_mean, running_var, weight, bias, training, momentum, eps):
+def _check_inputs(input, running_mean, running_var, weight, bias, training, momentum, eps,
+                  check_batch_size=True):
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"fusedgrad.batch_norm: `input` must be a Tensor, got {type(input)}")
     if input.dtype not in _FLOAT_DTYPES:
@@ -63,7 +64,7 @@ def _check_inputs(input, running_mean, running_var, weight, bias, training, mome
     if training and eps <= 0:
         raise ValueError(f"fusedgrad.batch_norm: `eps` must be positive during training, got "
                          f"{eps}")
-    if training:
+    if training and check_batch_size:
         size_prods = input.shape[0] * input[0, 0].numel() if input.shape[0] else 0
         if size_prods == 1:
             raise ValueError("Expected more than 1 value per channel when training, got input "

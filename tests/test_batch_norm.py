@@ -1,10 +1,12 @@
 """fusedgrad.batch_norm against a float64 F.batch_norm reference (mirrors ops/batch_norm.py)."""
 
-import fusedgrad as fg
 import pytest
 import torch
 import torch.nn.functional as F
+
+import fusedgrad as fg
 from fusedgrad import _bn_launch as L
+
 from helpers import DEVICE, assert_close, rel_err
 
 PARAM_DTYPE = {torch.float32: torch.float32, torch.float16: torch.float32,

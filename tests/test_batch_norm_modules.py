@@ -3,9 +3,11 @@
 
 import copy
 
-import fusedgrad as fg
 import pytest
 import torch
+
+import fusedgrad as fg
+
 from helpers import DEVICE, assert_close
 
 MODULES = {1: (torch.nn.BatchNorm1d, fg.BatchNorm1d), 2: (torch.nn.BatchNorm2d, fg.BatchNorm2d),

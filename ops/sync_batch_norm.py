@@ -1,0 +1,163 @@
+"""SyncBatchNorm on fusedgrad's BatchNorm kernels: batch statistics over every rank.
+
+Collectives per training step (world size R > 1, C channels, acc = float32 or float64):
+  forward:  one all_gather of each rank's (count, mean, M2) per channel: 3C acc values per
+            rank in, 3RC out. Ranks may hold different batch sizes, including none; the
+            per-rank statistics are merged on the device with Chan's formula in rank order.
+  backward: one all_reduce (sum) of [sum dy, sum dy * x_hat]: 2C acc values; then the same
+            elementwise dx kernel as BatchNorm with the global count.
+Running statistics use the global count (unbiased variance). As torch.nn.SyncBatchNorm,
+weight and bias gradients are each rank's local sums (DDP averages them like any other
+parameter gradient). Nothing is read back to the host. Outside a distributed run, with a
+world size of 1, or in eval, the module is plain fusedgrad BatchNorm.
+"""
+
+import torch
+import torch.distributed as dist
+
+from . import _alloc
+from . import _bn_launch as L
+from .batch_norm import _as_acc, _batch_norm_impl, _check_inputs
+
+
+def _all_gather_stats(local: torch.Tensor, group, world_size: int) -> torch.Tensor:
+    """[R, 3, C]: every rank's local (count, mean, M2), in rank order (one collective)."""
+    out = torch.empty((world_size,) + tuple(local.shape), dtype=local.dtype,
+                      device=local.device)
+    if dist.get_backend(group) == "nccl":
+        dist.all_gather_into_tensor(out, local, group=group)
+    else:  # gloo has no all_gather_into_tensor; still one collective
+        dist.all_gather(list(out.unbind(0)), local, group=group)
+    return out
+
+
+class _SyncBatchNormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, num_batches_tracked,
+                momentum, cumulative, eps, group, world_size):
+        acc = L.acc_dtype(x.dtype)
+        C = x.shape[1]
+        empty = x.numel() == 0
+        xp = x if empty else L.prepare_input(x)
+        plan = None if empty else L.make_plan(xp)
+        if empty:  # this rank contributes count 0
+            local = torch.zeros((3, C), dtype=acc, device=x.device)
+        else:
+            part, shift = L.stats_partials(xp, plan)
+            local = L.merge_stats_local(part, shift)
+        gathered = _all_gather_stats(local, group, world_size)
+        rm, rv = _as_acc(running_mean, acc), _as_acc(running_var, acc)
+        mean, invstd, count = L.merge_stats_final(
+            gathered, 3 * C, C, world_size, C, eps, rm, rv, num_batches_tracked, momentum,
+            cumulative, want_count=True)
+        if running_mean is not None:
+            if rm.data_ptr() != running_mean.data_ptr():
+                running_mean.copy_(rm.view_as(running_mean))
+            if rv.data_ptr() != running_var.data_ptr():
+                running_var.copy_(rv.view_as(running_var))
+        w, b = _as_acc(weight, acc), _as_acc(bias, acc)
+        y = _alloc.empty_like(x) if empty else L.apply(xp, plan, mean, invstd, False, w, b, eps)
+        ctx.save_for_backward(x, weight, mean, invstd, count)
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        ctx.eps, ctx.group = eps, group
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weight, mean, invstd, count = ctx.saved_tensors
+        acc = L.acc_dtype(x.dtype)
+        C = x.shape[1]
+        if x.numel() == 0:
+            sums = torch.zeros((2, C), dtype=acc, device=x.device)
+            grad_weight = torch.zeros((C,), dtype=acc, device=x.device)
+            grad_bias = torch.zeros((C,), dtype=acc, device=x.device)
+        else:
+            xp = L.prepare_input(x)
+            plan = L.make_plan(xp)
+            dy = L.match_layout(grad_y, xp)
+            part = L.bwd_partials(xp, dy, plan, mean, invstd, False, ctx.eps)
+            sums, grad_weight, grad_bias = L.bwd_merge(part, True)
+        # The only backward collective: global (sum dy, sum dy * x_hat), 2C values.
+        dist.all_reduce(sums, group=ctx.group)
+        need = ctx.needs_input_grad
+        dx = None
+        if need[0]:
+            if x.numel() == 0:
+                dx = _alloc.empty_like(x)
+            else:
+                dx = L.dx(xp, dy, plan, mean, invstd, False, _as_acc(weight, acc), sums, count,
+                          True, ctx.eps)
+        dw = grad_weight.to(weight.dtype) if (need[1] and weight is not None) else None
+        db = grad_bias.to(ctx.bias_dtype) if need[2] else None
+        return (dx, dw, db) + (None,) * 8
+
+
+def sync_batch_norm(input, running_mean, running_var, weight, bias, momentum, eps,
+                    process_group=None, num_batches_tracked=None):
+    """Training-mode batch norm with statistics over every rank of ``process_group``
+    (default: the world). ``momentum=None`` needs ``num_batches_tracked`` (cumulative
+    average, factor read on the device)."""
+    _check_inputs(input, running_mean, running_var, weight, bias, True, momentum, eps,
+                  check_batch_size=False)
+    group = process_group if process_group is not None else dist.group.WORLD
+    world_size = dist.get_world_size(group)
+    cumulative = momentum is None
+    if cumulative and running_mean is not None and num_batches_tracked is None:
+        raise TypeError("fusedgrad.sync_batch_norm: momentum=None needs num_batches_tracked")
+    return _SyncBatchNormFunction.apply(
+        input, weight, bias, running_mean, running_var,
+        num_batches_tracked if cumulative else None, 0.0 if cumulative else float(momentum),
+        cumulative, float(eps), group, world_size)
+
+
+class SyncBatchNorm(torch.nn.SyncBatchNorm):
+    """Drop-in for torch.nn.SyncBatchNorm (same constructor, ``process_group``, state_dict),
+    on fusedgrad's kernels; works with gloo on CPU (Triton interpreter) and NCCL on CUDA."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(input)
+        self._check_non_zero_input_channels(input)
+        num_batches_tracked = None
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:
+                num_batches_tracked = self.num_batches_tracked
+        bn_training = self.training or (self.running_mean is None and self.running_var is None)
+        use_buffers = not self.training or self.track_running_stats
+        running_mean = self.running_mean if use_buffers else None
+        running_var = self.running_var if use_buffers else None
+        need_sync = bn_training and self.training and dist.is_available() \
+            and dist.is_initialized()
+        if need_sync:
+            group = self.process_group if self.process_group is not None else dist.group.WORLD
+            need_sync = dist.get_world_size(group) > 1
+        if not need_sync:
+            return _batch_norm_impl(input, running_mean, running_var, self.weight, self.bias,
+                                    bn_training, self.momentum, self.eps, num_batches_tracked)
+        return sync_batch_norm(input, running_mean, running_var, self.weight, self.bias,
+                               self.momentum, self.eps, group, num_batches_tracked)
+
+
+def convert_sync_batchnorm(module: torch.nn.Module, process_group=None) -> torch.nn.Module:
+    """Replace every BatchNorm*D (torch's or fusedgrad's; any ``_BatchNorm`` that is not
+    already a fusedgrad SyncBatchNorm) by fusedgrad.SyncBatchNorm, sharing parameters and
+    buffers, as torch.nn.SyncBatchNorm.convert_sync_batchnorm does. Returns the module."""
+    if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) \
+            and not isinstance(module, SyncBatchNorm):
+        new = SyncBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
+                            module.track_running_stats, process_group, device="meta")
+        if module.affine:
+            new.weight = module.weight
+            new.bias = module.bias
+        new.running_mean = module.running_mean
+        new.running_var = module.running_var
+        new.num_batches_tracked = module.num_batches_tracked
+        new.train(module.training)
+        if hasattr(module, "qconfig"):
+            new.qconfig = module.qconfig
+        return new
+    for name, child in module.named_children():
+        converted = convert_sync_batchnorm(child, process_group)
+        if converted is not child:
+            module.add_module(name, converted)
+    return module

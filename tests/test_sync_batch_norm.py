@@ -1,0 +1,139 @@
+"""fusedgrad.SyncBatchNorm over 2 and 3 gloo processes vs one BatchNorm over the whole batch
+(mirrors ops/sync_batch_norm.py). Workers run on CPU with the Triton interpreter."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fusedgrad as fg
+from fusedgrad.sync_batch_norm import SyncBatchNorm, convert_sync_batchnorm
+
+from _distributed import run_workers
+from helpers import DEVICE, assert_close
+
+C = 3
+
+
+def _global_batch(sizes, spatial, dtype, seed):
+    """Deterministic whole batch, upstream gradient and initial module state."""
+    gen = torch.Generator().manual_seed(seed)
+    n = sum(sizes)
+    x = torch.randn((n, C) + spatial, generator=gen) * 2 + 1
+    dy = torch.randn((n, C) + spatial, generator=gen)
+    weight = torch.rand(C, generator=gen) + 0.5
+    bias = torch.randn(C, generator=gen)
+    return x.to(dtype), dy.to(dtype), weight, bias
+
+
+def _param_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _worker(rank, world_size, cases):
+    """Run every case on this rank's slice; return what the parent compares."""
+    results = []
+    for sizes, spatial, dtype, memory_format, momentum in cases:
+        x, dy, weight, bias = _global_batch(sizes, spatial, dtype, seed=len(results))
+        start = sum(sizes[:rank])
+        xs = x[start:start + sizes[rank]].contiguous(memory_format=memory_format)
+        dys = dy[start:start + sizes[rank]]
+        # float64 input gets float64 parameters and buffers; half input float32 ones.
+        bn = SyncBatchNorm(C, momentum=momentum, dtype=_param_dtype(dtype))
+        with torch.no_grad():
+            bn.weight.copy_(weight)
+            bn.bias.copy_(bias)
+        xs.requires_grad_()
+        outs = []
+        for _ in range(2):  # two steps: running statistics and num_batches_tracked evolve
+            xs.grad = None
+            bn.weight.grad = bn.bias.grad = None
+            y = bn(xs)
+            y.backward(dys)
+            outs.append(dict(y=y.detach(), dx=xs.grad.clone(), dw=bn.weight.grad.clone(),
+                             db=bn.bias.grad.clone(),
+                             stride_ok=y.stride() == xs.stride() or xs.numel() == 0))
+        results.append(dict(steps=outs, rm=bn.running_mean.clone(), rv=bn.running_var.clone(),
+                            nbt=bn.num_batches_tracked.clone(),
+                            eval_y=bn.eval()(xs.detach()).detach()))
+    return results
+
+
+def _check(world_results, cases):
+    for case_index, (sizes, spatial, dtype, _fmt, momentum) in enumerate(cases):
+        x, dy, weight, bias = _global_batch(sizes, spatial, dtype, seed=case_index)
+        # float64 reference: one BatchNorm over the concatenated batch, two steps.
+        rm = torch.zeros(C, dtype=torch.float64)
+        rv = torch.ones(C, dtype=torch.float64)
+        for step in range(2):
+            # detach(): a fresh leaf each step (x.double() of float64 is x itself).
+            xr = x.detach().double().requires_grad_()
+            wr = weight.detach().double().requires_grad_()
+            br = bias.detach().double().requires_grad_()
+            factor = 1.0 / (step + 1) if momentum is None else momentum
+            yr = F.batch_norm(xr, rm, rv, wr, br, training=True, momentum=factor)
+            yr.backward(dy.double())
+            per_rank = [r[case_index]["steps"][step] for r in world_results]
+            what = f"case {case_index} step {step}"
+            assert all(p["stride_ok"] for p in per_rank), what
+            assert_close(torch.cat([p["y"] for p in per_rank]), yr, dtype, f"{what} y")
+            assert_close(torch.cat([p["dx"] for p in per_rank]), xr.grad, dtype, f"{what} dx")
+            # As torch's SyncBatchNorm: parameter gradients are per-rank partial sums.
+            assert_close(sum(p["dw"] for p in per_rank), wr.grad, dtype, f"{what} dweight")
+            assert_close(sum(p["db"] for p in per_rank), br.grad, dtype, f"{what} dbias")
+        for r in world_results:
+            assert_close(r[case_index]["rm"], rm, _param_dtype(dtype), "running_mean")
+            assert_close(r[case_index]["rv"], rv, _param_dtype(dtype), "running_var")
+            assert int(r[case_index]["nbt"]) == 2
+        eval_ref = F.batch_norm(x.double(), rm, rv, weight.double(), bias.double())
+        assert_close(torch.cat([r[case_index]["eval_y"] for r in world_results]), eval_ref,
+                     dtype, "eval y")
+
+
+def test_two_ranks_uneven_batches():
+    cases = [
+        ((3, 5), (4, 6), torch.float32, torch.contiguous_format, 0.1),  # uneven N
+        ((2, 4), (7,), torch.float32, torch.contiguous_format, None),   # 1-D, cumulative
+        ((4, 2), (5, 4), torch.float16, torch.channels_last, 0.1),      # half, NHWC
+    ]
+    _check(run_workers(2, _worker, cases), cases)
+
+
+def test_three_ranks_with_an_empty_rank():
+    cases = [
+        ((2, 0, 3), (4, 5), torch.float32, torch.channels_last, 0.1),   # rank 1 holds nothing
+        ((1, 4, 2), (3, 2, 3), torch.float64, torch.contiguous_format, None),  # 3-D, float64
+    ]
+    _check(run_workers(3, _worker, cases), cases)
+
+
+def test_not_distributed_is_batchnorm():
+    # No process group: SyncBatchNorm is BatchNorm (torch's own refuses CPU tensors here).
+    ref = torch.nn.BatchNorm2d(C, device=DEVICE)
+    bn = SyncBatchNorm(C, device=DEVICE)
+    assert isinstance(bn, torch.nn.SyncBatchNorm)
+    bn.load_state_dict(ref.state_dict())
+    x = torch.randn(4, C, 5, 6, device=DEVICE, requires_grad=True)
+    y = bn(x)
+    assert_close(y, ref(x), torch.float32, "y")
+    assert_close(bn.running_var, ref.running_var, torch.float32, "running_var")
+    assert fg.SyncBatchNorm is SyncBatchNorm
+
+
+def test_convert_sync_batchnorm():
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4),
+                              torch.nn.Sequential(fg.BatchNorm1d(5, momentum=None)))
+    weight = net[1].weight
+    out = fg.convert_sync_batchnorm(net, process_group=None)
+    assert type(out[1]) is SyncBatchNorm and type(out[2][0]) is SyncBatchNorm
+    assert out[1].weight is weight and out[2][0].momentum is None
+    assert convert_sync_batchnorm is fg.convert_sync_batchnorm
+
+
+def _failing_worker(rank, world_size):
+    if rank == 1:
+        raise ValueError("expected failure on rank 1")
+
+
+def test_run_workers_propagates_child_errors():
+    with pytest.raises(RuntimeError, match="expected failure on rank 1"):
+        run_workers(2, _failing_worker)
