@@ -13,6 +13,8 @@ Statistics, weights and gradients of weights are computed in float32 (float64 fo
 input); weights of another dtype are converted for the kernels and gradients converted back.
 """
 
+import math
+
 import torch
 
 from . import _alloc
@@ -65,7 +67,7 @@ def _check_inputs(input, running_mean, running_var, weight, bias, training, mome
         raise ValueError(f"fusedgrad.batch_norm: `eps` must be positive during training, got "
                          f"{eps}")
     if training and check_batch_size:
-        size_prods = input.shape[0] * input[0, 0].numel() if input.shape[0] else 0
+        size_prods = input.shape[0] * math.prod(input.shape[2:])
         if size_prods == 1:
             raise ValueError("Expected more than 1 value per channel when training, got input "
                              f"size {input.size()}")

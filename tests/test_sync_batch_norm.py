@@ -29,8 +29,29 @@ def _param_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+_COLLECTIVES = ("all_gather", "all_gather_into_tensor", "all_reduce", "broadcast", "reduce",
+                "reduce_scatter", "reduce_scatter_tensor", "all_to_all", "barrier")
+
+
+def _count_collectives(log):
+    """Record (name, elements sent) of every torch.distributed collective (in a worker)."""
+    import torch.distributed as dist
+
+    def wrap(name, fn):
+        def counted(*args, **kwargs):
+            sent = args[1] if name.startswith("all_gather") else args[0] if args else None
+            log.append((name, sent.numel() if isinstance(sent, torch.Tensor) else None))
+            return fn(*args, **kwargs)
+        return counted
+
+    for name in _COLLECTIVES:
+        setattr(dist, name, wrap(name, getattr(dist, name)))
+
+
 def _worker(rank, world_size, cases):
     """Run every case on this rank's slice; return what the parent compares."""
+    log = []
+    _count_collectives(log)
     results = []
     for sizes, spatial, dtype, memory_format, momentum in cases:
         x, dy, weight, bias = _global_batch(sizes, spatial, dtype, seed=len(results))
@@ -47,10 +68,14 @@ def _worker(rank, world_size, cases):
         for _ in range(2):  # two steps: running statistics and num_batches_tracked evolve
             xs.grad = None
             bn.weight.grad = bn.bias.grad = None
+            log.clear()
             y = bn(xs)
+            forward_calls = list(log)
+            log.clear()
             y.backward(dys)
             outs.append(dict(y=y.detach(), dx=xs.grad.clone(), dw=bn.weight.grad.clone(),
-                             db=bn.bias.grad.clone(),
+                             db=bn.bias.grad.clone(), forward_calls=forward_calls,
+                             backward_calls=list(log),
                              stride_ok=y.stride() == xs.stride() or xs.numel() == 0))
         results.append(dict(steps=outs, rm=bn.running_mean.clone(), rv=bn.running_var.clone(),
                             nbt=bn.num_batches_tracked.clone(),
@@ -75,6 +100,10 @@ def _check(world_results, cases):
             per_rank = [r[case_index]["steps"][step] for r in world_results]
             what = f"case {case_index} step {step}"
             assert all(p["stride_ok"] for p in per_rank), what
+            # Exactly one collective each way: (count, mean, M2) and (sum dy, sum dy x_hat).
+            for p in per_rank:
+                assert p["forward_calls"] == [("all_gather", 3 * C)], p["forward_calls"]
+                assert p["backward_calls"] == [("all_reduce", 2 * C)], p["backward_calls"]
             assert_close(torch.cat([p["y"] for p in per_rank]), yr, dtype, f"{what} y")
             assert_close(torch.cat([p["dx"] for p in per_rank]), xr.grad, dtype, f"{what} dx")
             # As torch's SyncBatchNorm: parameter gradients are per-rank partial sums.
@@ -104,6 +133,22 @@ def test_three_ranks_with_an_empty_rank():
         ((1, 4, 2), (3, 2, 3), torch.float64, torch.contiguous_format, None),  # 3-D, float64
     ]
     _check(run_workers(3, _worker, cases), cases)
+
+
+def _single_rank_worker(rank, world_size):
+    # A world of one: no collective at all, plain BatchNorm.
+    log = []
+    _count_collectives(log)
+    x = torch.randn(4, C, 5)
+    bn, ref = SyncBatchNorm(C), torch.nn.BatchNorm1d(C)
+    y = bn(x)
+    y.sum().backward()
+    return log, (y - ref(x)).abs().max().item(), (bn.running_var - ref.running_var).abs().max()
+
+
+def test_world_size_one_is_batchnorm():
+    log, y_diff, rv_diff = run_workers(1, _single_rank_worker)[0]
+    assert log == [] and y_diff < 1e-5 and rv_diff < 1e-6
 
 
 def test_not_distributed_is_batchnorm():
