@@ -69,16 +69,14 @@ def _load_weights(weight_ptr, cols, mask, has_weight, IS_FP64: tl.constexpr):
 
 
 @triton.jit
-def _load_target_probs(row_ptr, cols, mask, class_stride, label_smoothing, n_classes,
-                       IS_FP64: tl.constexpr):
-    """y' = (1-eps) y + eps/C on valid lanes, 0 on padding."""
+def _load_target_probs(row_ptr, cols, mask, class_stride, keep, add, IS_FP64: tl.constexpr):
+    """y * keep + add on valid lanes, 0 on padding (y' = (1-eps) y + eps/C)."""
     y = tl.load(row_ptr + cols * class_stride, mask=mask, other=0.0)
     if IS_FP64:
         y = y.to(tl.float64)
     else:
         y = y.to(tl.float32)
-    y = y * (1.0 - label_smoothing) + label_smoothing / n_classes
-    return tl.where(mask, y, 0.0)
+    return tl.where(mask, y * keep + add, 0.0)
 
 
 @triton.jit
@@ -141,9 +139,10 @@ def cross_entropy_fwd_bwd_kernel(
     logsumexp pass, one gradient pass. Probability targets add 1 read of y per
     logit per pass. Per row: a few scalars.
     """
-    row = tl.program_id(0).to(tl.int64)
-    outer = row // n_inner
-    inner = row - outer * n_inner
+    row = tl.program_id(0)  # n_rows < 2^31 (grid limit): 32-bit division, no 64-bit call
+    outer = (row // n_inner).to(tl.int64)
+    inner = (row % n_inner).to(tl.int64)
+    row = row.to(tl.int64)
     row_logits = logits_ptr + outer * logit_stride_outer + inner * logit_stride_inner
     row_grad = grad_ptr + outer * grad_stride_outer + inner * grad_stride_inner
     row_target = target_ptr + outer * target_stride_outer + inner * target_stride_inner
@@ -177,8 +176,8 @@ def cross_entropy_fwd_bwd_kernel(
         m = tl.max(z, axis=0)
         lse = m + tl.log(tl.sum(tl.exp(z - m), axis=0))
         if PROB_TARGET:
-            y = _load_target_probs(row_target, cols, mask, target_stride_class, label_smoothing,
-                                   n_classes, IS_FP64)
+            y = _load_target_probs(row_target, cols, mask, target_stride_class,
+                                   1.0 - label_smoothing, label_smoothing / n_classes, IS_FP64)
             wy_sum = tl.sum(w * y, axis=0)
             wyz_sum = tl.sum(tl.where(mask, w * y * z, 0.0), axis=0)
         else:
@@ -202,7 +201,8 @@ def cross_entropy_fwd_bwd_kernel(
             m = m_new
             if PROB_TARGET:
                 y = _load_target_probs(row_target, c, mask, target_stride_class,
-                                       label_smoothing, n_classes, IS_FP64)
+                                       1.0 - label_smoothing, label_smoothing / n_classes,
+                                       IS_FP64)
                 acc1 += tl.sum(w * y, axis=0)
                 acc2 += tl.sum(tl.where(mask, w * y * z, 0.0), axis=0)
             else:
@@ -258,7 +258,8 @@ def cross_entropy_fwd_bwd_kernel(
                 w = _load_weights(weight_ptr, c, mask, has_weight, IS_FP64)
                 if PROB_TARGET:
                     y = _load_target_probs(row_target, c, mask, target_stride_class,
-                                           label_smoothing, n_classes, IS_FP64)
+                                           1.0 - label_smoothing, label_smoothing / n_classes,
+                                           IS_FP64)
                 else:
                     y = w
                 g = _grad_chunk(z, mask, c, lse, coef_a, coef_t, coef_smooth, target_col, w, y,
@@ -286,10 +287,10 @@ def scale_grad_kernel(
     Bytes per element: 0 when grad_output == 1 (one scalar read per program),
     otherwise 1 read + 1 write.
     """
-    row = tl.program_id(0).to(tl.int64)
+    row = tl.program_id(0)
     chunk = tl.program_id(1)
-    outer = row // n_inner
-    inner = row - outer * n_inner
+    outer = (row // n_inner).to(tl.int64)
+    inner = (row % n_inner).to(tl.int64)
     if PER_ROW:
         g_out = tl.load(grad_output_ptr + outer * go_stride_outer + inner * go_stride_inner)
     else:
@@ -307,3 +308,142 @@ def scale_grad_kernel(
             + cols * grad_stride_class
         g = tl.load(ptrs, mask=mask, other=0.0)
         tl.store(ptrs, (g.to(g_out.dtype) * g_out).to(g.dtype), mask=mask)
+
+
+# ------------------------------------------------------------------ vocab-parallel pieces
+# With the vocabulary split over ranks, each rank runs the statistics kernel over its
+# slice (1 read), the ranks exchange O(rows) numbers, and each rank runs the gradient
+# kernel with the global per-row coefficients (1 read + 1 write).
+
+
+@triton.jit(do_not_specialize=["has_weight", "has_softcap"])
+def cross_entropy_shard_stats_kernel(
+    logits_ptr, target_ptr, weight_ptr, stats_ptr,
+    n_classes, n_inner,
+    logit_stride_outer, logit_stride_inner, logit_stride_class,
+    target_stride_outer, target_stride_inner, target_stride_class,
+    softcap_hi, softcap_lo, has_weight, has_softcap,
+    PROB_TARGET: tl.constexpr, IS_FP64: tl.constexpr, LARGE_OFFSETS: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    """Per-row statistics of this rank's slice of the vocabulary, one program per row.
+
+    Pointers (n_rows = n_outer * n_inner rows of this shard's n_classes logits):
+      logits_ptr  (n_outer, n_inner, n_classes), strides logit_stride_*.
+      target_ptr  only if PROB_TARGET: probabilities of this slice, strides target_stride_*.
+      weight_ptr  (n_classes,) this slice's class weights (fp32/fp64); read if has_weight.
+      stats_ptr   (n_rows, 6) fp32/fp64, contiguous, written:
+                  [max z, sum exp(z - max), sum w z, sum w, sum w y, sum w y z]
+                  (the last two are 0 without PROB_TARGET).
+    Scalars: softcap as an fp32 hi + lo pair; has_weight, has_softcap runtime flags.
+    Constexprs: PROB_TARGET, IS_FP64, LARGE_OFFSETS (int64 class offsets), BLOCK_V.
+    Bytes per logit: 1 read (plus 1 read of y with probability targets).
+    """
+    row = tl.program_id(0)  # n_rows < 2^31 (grid limit): 32-bit division, no 64-bit call
+    outer = (row // n_inner).to(tl.int64)
+    inner = (row % n_inner).to(tl.int64)
+    row = row.to(tl.int64)
+    row_logits = logits_ptr + outer * logit_stride_outer + inner * logit_stride_inner
+    row_target = target_ptr + outer * target_stride_outer + inner * target_stride_inner
+    if IS_FP64:
+        acc_ty = tl.float64
+    else:
+        acc_ty = tl.float32
+    softcap = tl.cast(softcap_hi, acc_ty) + tl.cast(softcap_lo, acc_ty)
+    cols = tl.arange(0, BLOCK_V)
+    if LARGE_OFFSETS:
+        cols = cols.to(tl.int64)
+    m = tl.full((), -float("inf"), acc_ty)
+    s = tl.zeros((), acc_ty)
+    wz = tl.zeros((), acc_ty)
+    w_sum = tl.zeros((), acc_ty)
+    wy = tl.zeros((), acc_ty)
+    wyz = tl.zeros((), acc_ty)
+    for start in range(0, n_classes, BLOCK_V):
+        c = start + cols
+        mask = c < n_classes
+        z = _load_logits(row_logits, c, mask, logit_stride_class, softcap, has_softcap, IS_FP64)
+        w = _load_weights(weight_ptr, c, mask, has_weight, IS_FP64)
+        m_new = tl.maximum(m, tl.max(z, axis=0))
+        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
+        m = m_new
+        wz += tl.sum(tl.where(mask, w * z, 0.0), axis=0)
+        w_sum += tl.sum(w, axis=0)
+        if PROB_TARGET:
+            y = _load_target_probs(row_target, c, mask, target_stride_class, 1.0, 0.0, IS_FP64)
+            wy += tl.sum(w * y, axis=0)
+            wyz += tl.sum(tl.where(mask, w * y * z, 0.0), axis=0)
+    out = stats_ptr + row * 6
+    tl.store(out, m)
+    tl.store(out + 1, s)
+    tl.store(out + 2, wz)
+    tl.store(out + 3, w_sum)
+    tl.store(out + 4, wy)
+    tl.store(out + 5, wyz)
+
+
+@triton.jit(do_not_specialize=["has_weight", "has_softcap"])
+def cross_entropy_shard_grad_kernel(
+    logits_ptr, grad_ptr, target_ptr, weight_ptr, coef_ptr,
+    n_classes, n_inner,
+    logit_stride_outer, logit_stride_inner, logit_stride_class,
+    grad_stride_outer, grad_stride_inner, grad_stride_class,
+    target_stride_outer, target_stride_inner, target_stride_class,
+    softcap_hi, softcap_lo, has_weight, has_softcap,
+    PROB_TARGET: tl.constexpr, IS_FP64: tl.constexpr, LARGE_OFFSETS: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    """Gradient of this rank's slice from global per-row coefficients, one program per row.
+
+      logits_ptr, grad_ptr  (n_outer, n_inner, n_classes) with their strides; may alias.
+      target_ptr  class index *local to this slice* (n_outer, n_inner) int64 (-1 or any
+                  value outside [0, n_classes) when the target lives on another rank);
+                  or, if PROB_TARGET, this slice's probabilities (target_stride_*).
+      weight_ptr  (n_classes,) this slice's weights; read if has_weight.
+      coef_ptr    (n_rows, 6) fp32/fp64 contiguous: [lse, A, coef_t, scale, keep, add]:
+                  grad = scale * (A p - B) with p = exp(z - lse) and
+                  B = coef_t [c == t] + add * w   (class index), or
+                  B = w (keep * y + add)           (probabilities),
+                  keep = 1 - eps, add = eps / C_total.
+    Constexprs: PROB_TARGET, IS_FP64, LARGE_OFFSETS, BLOCK_V.
+    Bytes per logit: 1 read + 1 write (plus 1 read of y with probability targets).
+    """
+    row = tl.program_id(0)  # n_rows < 2^31 (grid limit): 32-bit division, no 64-bit call
+    outer = (row // n_inner).to(tl.int64)
+    inner = (row % n_inner).to(tl.int64)
+    row = row.to(tl.int64)
+    row_logits = logits_ptr + outer * logit_stride_outer + inner * logit_stride_inner
+    row_grad = grad_ptr + outer * grad_stride_outer + inner * grad_stride_inner
+    row_target = target_ptr + outer * target_stride_outer + inner * target_stride_inner
+    if IS_FP64:
+        acc_ty = tl.float64
+    else:
+        acc_ty = tl.float32
+    softcap = tl.cast(softcap_hi, acc_ty) + tl.cast(softcap_lo, acc_ty)
+    coef = coef_ptr + row * 6
+    lse = tl.load(coef).to(acc_ty)
+    coef_a = tl.load(coef + 1).to(acc_ty)
+    coef_t = tl.load(coef + 2).to(acc_ty)
+    scale = tl.load(coef + 3).to(acc_ty)
+    keep = tl.load(coef + 4).to(acc_ty)
+    add = tl.load(coef + 5).to(acc_ty)
+    if PROB_TARGET:
+        target_col = 0
+    else:
+        target_col = tl.load(row_target).to(tl.int64)
+    cols = tl.arange(0, BLOCK_V)
+    if LARGE_OFFSETS:
+        cols = cols.to(tl.int64)
+    out_ty = grad_ptr.dtype.element_ty
+    for start in range(0, n_classes, BLOCK_V):
+        c = start + cols
+        mask = c < n_classes
+        z = _load_logits(row_logits, c, mask, logit_stride_class, softcap, has_softcap, IS_FP64)
+        w = _load_weights(weight_ptr, c, mask, has_weight, IS_FP64)
+        if PROB_TARGET:
+            y = _load_target_probs(row_target, c, mask, target_stride_class, keep, add, IS_FP64)
+        else:
+            y = w
+        g = _grad_chunk(z, mask, c, lse, coef_a, coef_t, add, target_col, w, y, scale, softcap,
+                        has_softcap, PROB_TARGET)
+        tl.store(row_grad + c * grad_stride_class, g.to(out_ty), mask=mask)

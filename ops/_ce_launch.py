@@ -52,6 +52,17 @@ def fused_num_warps(block_v: int) -> int:
     return max(1, min(32, block_v // 512))
 
 
+def streaming_num_warps(block_v: int) -> int:
+    """Warps for kernels that stream a row in chunks (the two-pass fused path and the
+    vocab-parallel kernels): 8 values per thread. They keep running sums and 64-bit
+    addresses live across the loop, and ptxas spills a few bytes at 16 per thread."""
+    return max(1, min(32, block_v // 256))
+
+
+def fwd_bwd_num_warps(block_v: int, single_block: bool) -> int:
+    return fused_num_warps(block_v) if single_block else streaming_num_warps(block_v)
+
+
 def scale_block_v(n_classes: int) -> int:
     return SMALL_BLOCK_V if n_classes <= SMALL_BLOCK_V else SCALE_BLOCK_V
 
@@ -136,7 +147,7 @@ def launch_fwd_bwd(logits3, grad3, target_v, weight, loss_rows, lse_rows, reduce
         ignore_index, sm_hi, sm_lo, zl_hi, zl_lo, sc_hi, sc_lo,
         int(weight is not None), int(softcap is not None), int(write_grad),
         PROB_TARGET=prob_target, IS_FP64=dtype == torch.float64, LARGE_OFFSETS=large,
-        BLOCK_V=block_v, SINGLE_BLOCK=single, num_warps=fused_num_warps(block_v),
+        BLOCK_V=block_v, SINGLE_BLOCK=single, num_warps=fwd_bwd_num_warps(block_v, single),
     )
 
 
@@ -154,6 +165,56 @@ def launch_scale_grad(grad3, grad_output_v) -> None:
         PER_ROW=per_row, IS_FP64=grad3.dtype == torch.float64,
         LARGE_OFFSETS=needs_large_offsets(grad3), BLOCK_V=block_v,
         num_warps=scale_num_warps(block_v),
+    )
+
+
+def shard_block_v(n_classes: int, dtype: torch.dtype, prob_target: bool) -> int:
+    """Chunk width of the vocab-parallel kernels (always a loop over chunks)."""
+    if n_classes <= SMALL_BLOCK_V:
+        return SMALL_BLOCK_V
+    if n_classes <= MEDIUM_BLOCK_V:
+        return MEDIUM_BLOCK_V
+    return LOOP_BLOCK_V[(dtype == torch.float64, prob_target)]
+
+
+def launch_shard_stats(logits3, probs_v, weight, stats, *, softcap: float | None) -> None:
+    """stats (n_rows, 6) of this shard; probs_v is None for class-index targets."""
+    n_outer, n_inner, n_classes = logits3.shape
+    n_rows = n_outer * n_inner
+    if n_rows == 0:
+        return
+    prob = probs_v is not None
+    target = probs_v if prob else stats
+    t_strides = probs_v.stride() if prob else (0, 0, 0)
+    block_v = shard_block_v(n_classes, logits3.dtype, prob)
+    sc_hi, sc_lo = split_f64(softcap if softcap is not None else 1.0)
+    ce_kernels.cross_entropy_shard_stats_kernel[(n_rows,)](
+        logits3, target, weight if weight is not None else stats, stats,
+        n_classes, n_inner, *logits3.stride(), *t_strides,
+        sc_hi, sc_lo, int(weight is not None), int(softcap is not None),
+        PROB_TARGET=prob, IS_FP64=logits3.dtype == torch.float64,
+        LARGE_OFFSETS=needs_large_offsets(logits3, probs_v), BLOCK_V=block_v,
+        num_warps=streaming_num_warps(block_v),
+    )
+
+
+def launch_shard_grad(logits3, grad3, target_v, weight, coef, *, softcap: float | None,
+                      prob_target: bool) -> None:
+    """Write this shard's gradient from the global per-row coefficients ``coef``."""
+    n_outer, n_inner, n_classes = logits3.shape
+    n_rows = n_outer * n_inner
+    if n_rows == 0:
+        return
+    t_strides = target_v.stride() if prob_target else (*target_v.stride(), 0)
+    block_v = shard_block_v(n_classes, logits3.dtype, prob_target)
+    sc_hi, sc_lo = split_f64(softcap if softcap is not None else 1.0)
+    ce_kernels.cross_entropy_shard_grad_kernel[(n_rows,)](
+        logits3, grad3, target_v, weight if weight is not None else coef, coef,
+        n_classes, n_inner, *logits3.stride(), *grad3.stride(), *t_strides,
+        sc_hi, sc_lo, int(weight is not None), int(softcap is not None),
+        PROB_TARGET=prob_target, IS_FP64=logits3.dtype == torch.float64,
+        LARGE_OFFSETS=needs_large_offsets(logits3, grad3, target_v), BLOCK_V=block_v,
+        num_warps=streaming_num_warps(block_v),
     )
 
 
@@ -223,7 +284,7 @@ def static_configs() -> list[KernelConfig]:
                             f"{'single' if single else 'loop'},{'prob' if prob else 'index'}"
                             f"{',int64' if large else ''}]")
                     configs.append(KernelConfig(
-                        name, fused, sig, constexprs, fused_num_warps(block_v),
+                        name, fused, sig, constexprs, fwd_bwd_num_warps(block_v, single),
                         aligned=_ALIGNED_ARGS,
                     ))
         for block_v in sorted({scale_block_v(1), scale_block_v(MEDIUM_BLOCK_V)}):
@@ -248,4 +309,45 @@ def static_configs() -> list[KernelConfig]:
                         scale_num_warps(block_v),
                         aligned=_ALIGNED_ARGS,
                     ))
+        for prob in (False, True):
+            blocks = sorted({shard_block_v(n, dtype, prob)
+                             for n in (1, SMALL_BLOCK_V + 1, MEDIUM_BLOCK_V + 1)})
+            for block_v in blocks:
+                for large in (False, True):
+                    configs.extend(_shard_configs(dtype, ty, acc, prob, block_v, large))
     return configs
+
+
+def _shard_configs(dtype, ty, acc, prob, block_v, large) -> list[KernelConfig]:
+    common = {
+        "n_classes": "i32", "n_inner": "i32",
+        "logit_stride_outer": "i64" if large else "i32", "logit_stride_inner": "i32",
+        "logit_stride_class": "constexpr",
+    }
+    target_strides = {"target_stride_outer": "i32", "target_stride_inner": "i32",
+                      "target_stride_class": "constexpr" if prob else "i32"}
+    tail = {"softcap_hi": "fp32", "softcap_lo": "fp32", "has_weight": "i32",
+            "has_softcap": "i32", "PROB_TARGET": "constexpr", "IS_FP64": "constexpr",
+            "LARGE_OFFSETS": "constexpr", "BLOCK_V": "constexpr"}
+    constexprs = {"logit_stride_class": 1, "PROB_TARGET": prob,
+                  "IS_FP64": dtype == torch.float64, "LARGE_OFFSETS": large, "BLOCK_V": block_v}
+    if prob:
+        constexprs["target_stride_class"] = 1
+    stats_sig = {"logits_ptr": f"*{ty}", "target_ptr": f"*{ty}" if prob else f"*{acc}",
+                 "weight_ptr": f"*{acc}", "stats_ptr": f"*{acc}", **common, **target_strides,
+                 **tail}
+    grad_sig = {"logits_ptr": f"*{ty}", "grad_ptr": f"*{ty}",
+                "target_ptr": f"*{ty}" if prob else "*i64", "weight_ptr": f"*{acc}",
+                "coef_ptr": f"*{acc}", **common,
+                "grad_stride_outer": "i64" if large else "i32", "grad_stride_inner": "i32",
+                "grad_stride_class": "constexpr", **target_strides, **tail}
+    suffix = f"{ty},BLOCK_V={block_v},{'prob' if prob else 'index'}{',int64' if large else ''}"
+    aligned = _ALIGNED_ARGS + ("stats_ptr", "coef_ptr")
+    return [
+        KernelConfig(f"ce_shard_stats[{suffix}]", ce_kernels.cross_entropy_shard_stats_kernel,
+                     stats_sig, constexprs, streaming_num_warps(block_v), aligned=aligned),
+        KernelConfig(f"ce_shard_grad[{suffix}]", ce_kernels.cross_entropy_shard_grad_kernel,
+                     grad_sig, {**constexprs, "grad_stride_class": 1},
+                     streaming_num_warps(block_v),
+                     aligned=aligned),
+    ]

@@ -25,6 +25,7 @@ from . import _ce_launch as launch
 from ._ce_validate import validate
 from ._runtime import device_guard
 
+
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -227,7 +228,8 @@ class _InplaceCrossEntropy(torch.autograd.Function):
 def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None,
                   ignore_index: int = -100, reduction: str = "mean",
                   label_smoothing: float = 0.0, *, z_loss: float = 0.0,
-                  softcap: float | None = None, inplace_backward: bool = False) -> Tensor:
+                  softcap: float | None = None, inplace_backward: bool = False,
+                  process_group=None) -> Tensor:
     """Softmax cross-entropy, a drop-in for ``torch.nn.functional.cross_entropy``.
 
     Same arguments and results as torch (class-index or probability targets, class
@@ -240,6 +242,11 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None,
         N x V buffer. ``input`` then holds dL/dinput, not logits; autograd refuses
         (with its usual in-place error) a graph that still needs the old logits.
         ``input`` must not be a leaf that requires grad.
+    process_group: vocab-parallel mode. ``input`` holds this rank's contiguous slice of
+        the vocabulary (slices in rank order, widths may differ), ``target`` the global
+        class ids (or this slice's probabilities), ``weight`` this slice's class
+        weights. Every rank gets the full-vocabulary loss and its slice's gradient;
+        only O(rows) statistics cross ranks (two collectives per call).
 
     The gradient is computed in the forward kernel whenever ``input`` requires grad;
     backward rescales it by grad_output (free when grad_output is 1).
@@ -259,6 +266,12 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None,
     if target.is_floating_point() and target.requires_grad and torch.is_grad_enabled():
         raise ValueError("fusedgrad.cross_entropy: gradients with respect to probability "
                          "`target` are not supported; pass target.detach()")
+    if process_group is not None:
+        from ._vocab_parallel import vocab_parallel_cross_entropy
+
+        return vocab_parallel_cross_entropy(input, target, weight, ignore_index, reduction,
+                                            label_smoothing, z_loss, softcap, inplace_backward,
+                                            process_group)
     if inplace_backward and needs_grad:
         loss, _ = _InplaceCrossEntropy.apply(input, target, weight, ignore_index, reduction,
                                              label_smoothing, z_loss, softcap)
@@ -273,23 +286,26 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
     """Drop-in for ``torch.nn.CrossEntropyLoss`` backed by :func:`fusedgrad.cross_entropy`.
 
     Same constructor (including the deprecated ``size_average``/``reduce``), plus the
-    keyword-only extras ``z_loss``, ``softcap`` and ``inplace_backward``.
+    keyword-only extras ``z_loss``, ``softcap``, ``inplace_backward`` and ``process_group``
+    (vocab-parallel logits; see :func:`fusedgrad.cross_entropy`).
     """
 
     def __init__(self, weight: Tensor | None = None, size_average=None, ignore_index: int = -100,
                  reduce=None, reduction: str = "mean", label_smoothing: float = 0.0, *,
                  z_loss: float = 0.0, softcap: float | None = None,
-                 inplace_backward: bool = False) -> None:
+                 inplace_backward: bool = False, process_group=None) -> None:
         super().__init__(weight, size_average, ignore_index, reduce, reduction, label_smoothing)
         self.z_loss = z_loss
         self.softcap = softcap
         self.inplace_backward = inplace_backward
+        self.process_group = process_group
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         return cross_entropy(input, target, weight=self.weight, ignore_index=self.ignore_index,
                              reduction=self.reduction, label_smoothing=self.label_smoothing,
                              z_loss=self.z_loss, softcap=self.softcap,
-                             inplace_backward=self.inplace_backward)
+                             inplace_backward=self.inplace_backward,
+                             process_group=self.process_group)
 
     def extra_repr(self) -> str:
         return (f"reduction={self.reduction}, label_smoothing={self.label_smoothing}, "

@@ -1,0 +1,176 @@
+"""Vocab-parallel cross-entropy over torch.distributed.
+
+Each rank holds a contiguous slice of the vocabulary (slices in rank order, widths
+may differ) and the global class ids as targets. Per call:
+
+1. statistics kernel over the local slice (1 read of the logits): per row
+   max, sum exp(z - max), sum w z, sum w (and sum w y, sum w y z for probabilities);
+2. collective 1, ``all_gather`` of (rows + 1) floats per rank: each rank's row
+   maxima and its slice width (the widths give every rank's offset and C);
+3. collective 2, ``all_reduce(SUM)`` of 7 x rows floats: rescaled sums of
+   exponentials, the target logit and weight (from the rank that owns the target),
+   and the smoothing / probability sums;
+4. per-row loss and gradient coefficients with O(rows) tensor ops, on the device;
+5. gradient kernel over the local slice (1 read + 1 write), skipped without grad.
+
+Only per-row statistics travel, never logits. The backward is the single-device
+one: a rescale of the local gradient by grad_output, free when it is 1.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from . import _alloc
+from . import _ce_launch as launch
+from ._runtime import device_guard
+
+
+def _acc(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _forward(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
+             grad, group):
+    prob = target.is_floating_point()
+    acc = _acc(input.dtype)
+    device = input.device
+    logits3 = launch.rows_view(input, class_dim=True)
+    n_outer, n_inner, n_local = logits3.shape
+    n_rows = n_outer * n_inner
+    w = weight.to(acc).contiguous() if weight is not None else None
+    probs_v = launch.rows_view(target, class_dim=True) if prob else None
+
+    stats = _alloc.empty((n_rows, 6), dtype=acc, device=device)
+    with device_guard(input):
+        launch.launch_shard_stats(logits3, probs_v, w, stats, softcap=softcap)
+
+    # Collective 1: every rank's row maxima and slice width.
+    world = dist.get_world_size(group)
+    rank = dist.get_rank(group)
+    send = torch.empty(n_rows + 1, dtype=acc, device=device)
+    send[:n_rows] = stats[:, 0]
+    send[n_rows] = n_local
+    gathered = [torch.empty_like(send) for _ in range(world)]
+    dist.all_gather(gathered, send, group=group)
+    gathered = torch.stack(gathered)
+    row_max = gathered[:, :n_rows].amax(dim=0)
+    widths = gathered[:, n_rows]
+    n_total = widths.sum()
+    start = widths[:rank].sum().to(torch.int64)
+
+    packed = torch.zeros(7, n_rows, dtype=acc, device=device)
+    packed[0] = stats[:, 1] * torch.exp(stats[:, 0] - row_max)
+    packed[3:7] = stats[:, 2:6].t()
+    if not prob:
+        t = launch.rows_view(target, class_dim=False).reshape(-1).to(torch.int64)
+        valid = t != ignore_index
+        t_local = t - start
+        own = valid & (t_local >= 0) & (t_local < n_local)
+        safe = t_local.clamp(0, n_local - 1)
+        rows = torch.arange(n_rows, device=device)
+        z_t = logits3[rows // n_inner, rows % n_inner, safe].to(acc)
+        if softcap is not None:
+            z_t = softcap * torch.tanh(z_t / softcap)
+        w_t = w[safe] if w is not None else torch.ones_like(z_t)
+        packed[1] = torch.where(own, z_t, 0.0)
+        packed[2] = torch.where(own, w_t, 0.0)
+    # Collective 2: the sums every rank needs.
+    dist.all_reduce(packed, group=group)
+    sum_exp, z_target, w_target, sum_wz, w_total, sum_wy, sum_wyz = packed
+
+    lse = row_max + torch.log(sum_exp)
+    eps_c = label_smoothing / n_total
+    keep = 1.0 - label_smoothing
+    z_term = z_loss * lse * lse
+    if prob:
+        wy = keep * sum_wy + eps_c * w_total
+        wyz = keep * sum_wyz + eps_c * sum_wz
+        loss_rows = wy * lse - wyz + z_term
+        coef_a = wy + 2.0 * z_loss * lse
+        coef_t = torch.zeros_like(lse)
+        divisor = torch.full((), float(n_rows), dtype=acc, device=device)
+        row_scale = torch.ones_like(lse)
+    else:
+        bad = valid & ((t < 0) | (t >= n_total))
+        _check_targets(bad, device)
+        coef_t = keep * w_target
+        loss_rows = coef_t * (lse - z_target) + eps_c * (w_total * lse - sum_wz) + z_term
+        coef_a = coef_t + eps_c * w_total + 2.0 * z_loss * lse
+        nan = torch.full_like(lse, float("nan"))
+        loss_rows = torch.where(valid, torch.where(bad, nan, loss_rows), 0.0)
+        divisor = torch.where(valid, w_target if w is not None else 1.0, 0.0).sum()
+        row_scale = torch.where(valid, torch.where(bad, nan, 1.0), 0.0)
+
+    if grad is not None:
+        if reduction == "mean":
+            row_scale = row_scale / divisor
+        coef = torch.stack([lse, coef_a, coef_t, row_scale, torch.full_like(lse, keep),
+                            eps_c.expand_as(lse).to(acc)], dim=1).contiguous()
+        grad3 = launch.rows_view(grad, class_dim=True)
+        if prob:
+            grad_target = probs_v
+        else:
+            grad_target = torch.where(own, t_local, -1).view(n_outer, n_inner)
+        with device_guard(input):
+            launch.launch_shard_grad(logits3, grad3, grad_target, w, coef, softcap=softcap,
+                                     prob_target=prob)
+
+    if reduction == "none":
+        shape = [input.shape[0], *input.shape[2:]] if input.dim() > 1 else []
+        return loss_rows.view(shape).to(input.dtype)
+    total = loss_rows.sum()
+    if reduction == "sum":
+        return total.to(input.dtype)
+    return (total / divisor).to(input.dtype)
+
+
+def _check_targets(bad, device):
+    if device.type == "cuda":
+        torch._assert_async(~bad.any(), "fusedgrad.cross_entropy: target out of bounds")
+    elif bad.any():
+        raise ValueError("fusedgrad.cross_entropy: `target` holds class indices outside the "
+                         "full vocabulary that are not ignore_index")
+
+
+class _VocabParallelCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, input, target, weight, ignore_index, reduction, label_smoothing, z_loss,
+                softcap, inplace, group):
+        grad = input if inplace else _alloc.empty_like(input)
+        loss = _forward(input, target, weight, ignore_index, reduction, label_smoothing,
+                        z_loss, softcap, grad, group)
+        if inplace:
+            ctx.mark_dirty(input)
+        else:
+            ctx.mark_non_differentiable(grad)
+        ctx.set_materialize_grads(False)
+        ctx.grad_buffer = grad
+        ctx.applied_grad_output = None
+        return loss, grad
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_aux):
+        from .cross_entropy import _scaled_grad
+
+        if grad_loss is None:
+            return (None,) * 10
+        return (_scaled_grad(ctx, grad_loss),) + (None,) * 9
+
+
+def vocab_parallel_cross_entropy(input, target, weight, ignore_index, reduction,
+                                 label_smoothing, z_loss, softcap, inplace_backward, group):
+    if not dist.is_available() or not dist.is_initialized():
+        raise ValueError("fusedgrad.cross_entropy: `process_group` was given but "
+                         "torch.distributed is not initialised")
+    if target.is_floating_point() and target.shape != input.shape:
+        raise ValueError("fusedgrad.cross_entropy: probability `target` must hold this rank's "
+                         "slice of the vocabulary, shaped like `input`")
+    if torch.is_grad_enabled() and input.requires_grad:
+        loss, _ = _VocabParallelCrossEntropy.apply(
+            input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
+            inplace_backward, group)
+        return loss
+    return _forward(input, target, weight, ignore_index, reduction, label_smoothing, z_loss,
+                    softcap, None, group)

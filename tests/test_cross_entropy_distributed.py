@@ -1,0 +1,95 @@
+"""Vocab-parallel fusedgrad.cross_entropy (ops/_vocab_parallel.py) in 2 and 3 gloo
+processes on CPU, against the single-process float64 reference on the full vocabulary.
+
+Each world size is one spawn running every case (process start-up dominates).
+"""
+
+import torch
+
+from _distributed import run_workers
+from ce_reference import reference_with_grad
+from helpers import assert_close
+
+# Each case: the full problem, built identically on every rank from its seed.
+#   widths: this case's vocabulary split (unequal on purpose; one width-1 slice).
+CASES_2 = [
+    dict(seed=1, shape=(6,), widths=(37, 60), kw=dict(label_smoothing=0.1, z_loss=1e-3),
+         weighted=True, ignore=True),
+    dict(seed=2, shape=(5,), widths=(3000, 1900), kw=dict(reduction="none"), ignore=True),
+    dict(seed=3, shape=(4,), widths=(20, 33), kw=dict(reduction="sum", softcap=3.0),
+         prob=True),
+    dict(seed=4, shape=(4,), widths=(40, 24), kw=dict(label_smoothing=0.2), inplace=True,
+         ignore=True),
+]
+CASES_3 = [
+    dict(seed=5, shape=(2, 3), widths=(10, 1, 25), kw=dict(label_smoothing=0.1)),
+    dict(seed=6, shape=(7,), widths=(50, 70, 30), kw=dict(reduction="none", z_loss=1e-2),
+         weighted=True, ignore=True, inplace=True),
+    dict(seed=7, shape=(3,), widths=(16, 16, 17), kw=dict(label_smoothing=0.3), prob=True,
+         weighted=True),
+]
+
+
+def build(case):
+    """Full-vocabulary logits, targets, weights and grad_output for a case (CPU)."""
+    g = torch.Generator().manual_seed(case["seed"])
+    n_classes = sum(case["widths"])
+    n = case["shape"][0]
+    spatial = case["shape"][1:]
+    x = torch.randn(n, n_classes, *spatial, generator=g) * 3
+    if case.get("prob"):
+        t = torch.softmax(torch.randn(x.shape, generator=g) * 2, dim=1)
+    else:
+        t = torch.randint(0, n_classes, case["shape"], generator=g)
+        if case.get("ignore"):
+            t.view(-1)[1] = -100
+    w = torch.rand(n_classes, generator=g) + 0.2 if case.get("weighted") else None
+    reduction = case["kw"].get("reduction", "mean")
+    go = torch.rand(case["shape"], generator=g) + 0.5 if reduction == "none" \
+        else torch.tensor(1.7)
+    return x, t, w, go
+
+
+def _slice(t, lo, hi):
+    return t.narrow(1, lo, hi - lo)
+
+
+def _worker(rank, world_size, cases):
+    import torch.distributed as dist
+
+    import fusedgrad as fg
+
+    out = []
+    for case in cases:
+        x, t, w, go = build(case)
+        lo = sum(case["widths"][:rank])
+        hi = lo + case["widths"][rank]
+        x_local = _slice(x, lo, hi).clone()
+        t_local = _slice(t, lo, hi).contiguous() if case.get("prob") else t
+        w_local = w[lo:hi] if w is not None else None
+        base = x_local.clone().requires_grad_(True)
+        inp = base * 1.0 if case.get("inplace") else base
+        loss = fg.cross_entropy(inp, t_local, weight=w_local, process_group=dist.group.WORLD,
+                                inplace_backward=bool(case.get("inplace")), **case["kw"])
+        loss.backward(go)
+        out.append((loss.detach(), base.grad))
+    return out
+
+
+def _check(world_size, cases):
+    results = run_workers(world_size, _worker, cases)
+    for i, case in enumerate(cases):
+        x, t, w, go = build(case)
+        ref_loss, ref_grad = reference_with_grad(x, t, grad_output=go, weight=w, **case["kw"])
+        for rank in range(world_size):
+            assert_close(results[rank][i][0], ref_loss, torch.float32, f"case {i} rank {rank}")
+        grad = torch.cat([results[r][i][1] for r in range(world_size)], dim=1)
+        assert_close(grad, ref_grad, torch.float32, f"case {i} gradient")
+
+
+def test_two_ranks():
+    _check(2, CASES_2)
+
+
+def test_three_ranks():
+    _check(3, CASES_3)
