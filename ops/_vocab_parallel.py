@@ -146,7 +146,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         else:
             ctx.mark_non_differentiable(grad)
         ctx.set_materialize_grads(False)
-        ctx.grad_buffer = grad
+        ctx.save_for_backward(grad)
         ctx.applied_grad_output = None
         return loss, grad
 

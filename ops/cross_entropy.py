@@ -146,13 +146,17 @@ def _(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, s
     return input.new_empty(shape)
 
 
-@torch.library.custom_op("fusedgrad::cross_entropy_bwd_", mutates_args=("grad",))
-def cross_entropy_bwd_(grad: Tensor, grad_output: Tensor) -> None:
-    """grad *= grad_output in place (grad_output: 0-dim, or the per-row loss shape)."""
+def _rescale_in_place(grad: Tensor, grad_output: Tensor) -> None:
     grad3 = launch.rows_view(grad, class_dim=True)
     go = grad_output if grad_output.dim() == 0 else launch.rows_view(grad_output, False)
     with device_guard(grad):
         launch.launch_scale_grad(grad3, go)
+
+
+@torch.library.custom_op("fusedgrad::cross_entropy_bwd_", mutates_args=("grad",))
+def cross_entropy_bwd_(grad: Tensor, grad_output: Tensor) -> None:
+    """grad *= grad_output in place (grad_output: 0-dim, or the per-row loss shape)."""
+    _rescale_in_place(grad, grad_output)
 
 
 @cross_entropy_bwd_.register_fake
@@ -164,21 +168,27 @@ def _scaled_grad(ctx, grad_output: Tensor) -> Tensor:
     """dL/dinput = (saved gradient for grad_output 1) * grad_output.
 
     The first backward scales the saved buffer in place (nothing at all is read or
-    written where grad_output == 1) and returns it: no new N x V buffer. A further
-    backward through a retained graph (gradcheck does this) finds the buffer holding
-    G * applied and returns a new tensor G * applied * (grad_output / applied); an
-    earlier grad_output of exactly 0 cannot be undone and gives NaN, never a
-    plausible number.
-
-    The buffer is kept as a ctx attribute, not via save_for_backward, because the
-    in-place scaling would trip the saved-tensor version check on that second pass.
+    written where grad_output == 1) and returns it: no new N x V buffer, and the
+    buffer is saved with save_for_backward so autograd frees it right after a
+    backward that does not retain the graph. A further backward through a retained
+    graph (gradcheck does this) finds the buffer holding G * applied and returns a
+    new tensor G * applied * (grad_output / applied); an earlier grad_output of
+    exactly 0 cannot be undone and gives NaN, never a plausible number.
     """
-    grad = ctx.grad_buffer
+    (grad,) = ctx.saved_tensors
     if grad_output.dtype != grad.dtype:
         grad_output = grad_output.to(grad.dtype)
     if ctx.applied_grad_output is None:
-        torch.ops.fusedgrad.cross_entropy_bwd_(grad, grad_output)
         ctx.applied_grad_output = grad_output
+        if type(grad) is torch.Tensor:
+            # Eager: launch directly. Through the custom op the declared mutation would
+            # bump the buffer's version and a retained graph's second backward would then
+            # refuse to unpack it; nothing else holds this buffer.
+            _rescale_in_place(grad, grad_output)
+        else:
+            # Traced by torch.compile (fake/functional tensors): the op, so the
+            # mutation is visible to functionalization.
+            torch.ops.fusedgrad.cross_entropy_bwd_(grad, grad_output)
         return grad
     ratio = grad_output / ctx.applied_grad_output
     if ratio.dim() > 0 and grad.dim() > 1:
@@ -190,7 +200,7 @@ def _setup_context(ctx, inputs, output):
     _, grad = output
     ctx.mark_non_differentiable(grad)
     ctx.set_materialize_grads(False)
-    ctx.grad_buffer = grad
+    ctx.save_for_backward(grad)
     ctx.applied_grad_output = None
 
 
@@ -212,7 +222,7 @@ class _InplaceCrossEntropy(torch.autograd.Function):
         loss = torch.ops.fusedgrad.cross_entropy_fwd_inplace(
             input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap)
         ctx.mark_dirty(input)
-        ctx.grad_buffer = input
+        ctx.save_for_backward(input)
         ctx.applied_grad_output = None
         return loss, input
 

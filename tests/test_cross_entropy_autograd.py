@@ -271,3 +271,20 @@ def test_functional_signature_positional_like_torch():
     a = fg.cross_entropy(x, t, w, -100, "sum", 0.1)
     b = F.cross_entropy(x.double(), t, w.double(), reduction="sum", label_smoothing=0.1)
     assert_close(a, b, torch.float32, "loss")
+
+
+def test_gradient_buffer_becomes_grad_without_copy():
+    # The forward's gradient buffer is saved with save_for_backward, so autograd drops its
+    # reference after a (non-retaining) backward and hands the very buffer to .grad: no
+    # N x V copy, and nothing N x V stays alive with the loss.
+    saved_ptrs = []
+
+    def pack(t):
+        saved_ptrs.append(t.data_ptr())
+        return t
+
+    x = logits((4, 64)).requires_grad_(True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = fg.cross_entropy(x, targets((4,), 64))
+    loss.backward()
+    assert x.grad.data_ptr() in saved_ptrs
