@@ -27,7 +27,7 @@ import triton.language as tl
 # Integer arguments never specialised on their value (equal to 1, or divisible by 16): tile
 # counts and part counts gain nothing from it. C and S stay specialisable: divisibility of
 # the inner extent by 16 is what lets the masked loads along it become 16-byte vectors.
-_RUNTIME_INTS = ["tiles_per_n", "tiles_per_split", "n_tiles"]
+_RUNTIME_INTS = ["tiles_per_n", "tiles_per_split", "n_tiles", "n_splits"]
 _MERGE_RUNTIME_INTS = ["n_parts", "C", "part_stride", "field_stride"]
 
 
@@ -57,7 +57,7 @@ def _tile(t, tiles_per_n, S, c_off, c_mask, stride_n, stride_s, BLOCK_S: tl.cons
 def bn_stats_partial_kernel(
     x_ptr, part_ptr, shift_ptr,
     C, S, stride_n, stride_c, stride_s,
-    tiles_per_n, tiles_per_split, n_tiles, part_field_stride,
+    tiles_per_n, tiles_per_split, n_tiles, n_splits, part_field_stride,
     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     """Per (split, channel): count, mean and M2 (sum of squared deviations) of x.
@@ -68,7 +68,8 @@ def bn_stats_partial_kernel(
         mean - shift, M2.
     shift_ptr: [C] acc: the shift (x[0, c, 0]) of each channel, written by split 0. Partial
         means stay relative to it, so merging them never rounds a large offset.
-    grid: (P splits, cdiv(C, BLOCK_C)). tiles_per_n = cdiv(S, BLOCK_S); n_tiles = N * tiles_per_n;
+    grid: (n_splits * cdiv(C, BLOCK_C),), program = channel block * n_splits + split (1-D: no
+    65535 limit on either count). tiles_per_n = cdiv(S, BLOCK_S); n_tiles = N * tiles_per_n;
     tiles_per_split: tiles each split reduces (the last split may get fewer, or none).
     Numerics: values are shifted by the channel's first element; each tile's mean and M2
     come from two passes over registers (exact centring), then the tile joins the running
@@ -76,8 +77,9 @@ def bn_stats_partial_kernel(
     (x = 100 + 0.01 * randn keeps its variance in fp32).
     Bytes per element: one read of x (elem_size); partials and shifts are O(P * C).
     """
-    pid_p = tl.program_id(0)
-    pid_c = tl.program_id(1)
+    pid = tl.program_id(0)
+    pid_c = pid // n_splits
+    pid_p = pid - pid_c * n_splits
     acc_ty = part_ptr.dtype.element_ty
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
@@ -204,7 +206,7 @@ def _channel_affine(mean_ptr, scale_ptr, weight_ptr, c, c_mask, eps, scale_is_va
 @triton.jit(do_not_specialize=_RUNTIME_INTS + ["scale_is_var", "has_weight", "has_bias"])
 def bn_apply_kernel(
     x_ptr, y_ptr, mean_ptr, scale_ptr, weight_ptr, bias_ptr,
-    C, S, stride_n, stride_c, stride_s, tiles_per_n, eps,
+    C, S, stride_n, stride_c, stride_s, tiles_per_n, n_tiles, eps,
     scale_is_var, has_weight, has_bias,
     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
@@ -214,11 +216,13 @@ def bn_apply_kernel(
     mean_ptr, scale_ptr: [C] acc; scale is invstd, or a variance if scale_is_var
         (eval: invstd = 1/sqrt(running_var + eps)). weight_ptr, bias_ptr: [C] acc, read only
         if has_weight / has_bias (otherwise any acc pointer).
-    grid: (N * tiles_per_n, cdiv(C, BLOCK_C)).
+    grid: (n_tiles * cdiv(C, BLOCK_C),), program = channel block * n_tiles + tile;
+    n_tiles = N * tiles_per_n.
     Bytes per element: read x + write y = 2 * elem_size.
     """
-    t = tl.program_id(0)
-    pid_c = tl.program_id(1)
+    pid = tl.program_id(0)
+    pid_c = pid // n_tiles
+    t = pid - pid_c * n_tiles
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
     mean, invstd, a = _channel_affine(mean_ptr, scale_ptr, weight_ptr, c, c_mask, eps,
@@ -235,7 +239,7 @@ def bn_apply_kernel(
 def bn_bwd_partial_kernel(
     x_ptr, dy_ptr, mean_ptr, scale_ptr, part_ptr,
     C, S, stride_n, stride_c, stride_s,
-    tiles_per_n, tiles_per_split, n_tiles, part_field_stride, eps, scale_is_var,
+    tiles_per_n, tiles_per_split, n_tiles, n_splits, part_field_stride, eps, scale_is_var,
     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     """Per (split, channel): sum(dy) and sum(dy * x_hat), x_hat = (x - mean) * invstd.
@@ -246,8 +250,9 @@ def bn_bwd_partial_kernel(
     reduces the tile axis once at the end; invstd is applied once per channel.
     Bytes per element: read x + read dy = 2 * elem_size.
     """
-    pid_p = tl.program_id(0)
-    pid_c = tl.program_id(1)
+    pid = tl.program_id(0)
+    pid_c = pid // n_splits
+    pid_p = pid - pid_c * n_splits
     acc_ty = part_ptr.dtype.element_ty
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
@@ -309,7 +314,7 @@ def bn_bwd_merge_kernel(
                                                "count_from_ptr"])
 def bn_bwd_dx_kernel(
     x_ptr, dy_ptr, dx_ptr, mean_ptr, scale_ptr, weight_ptr, sums_ptr, count_ptr, count,
-    C, S, stride_n, stride_c, stride_s, tiles_per_n, eps,
+    C, S, stride_n, stride_c, stride_s, tiles_per_n, n_tiles, eps,
     scale_is_var, has_weight, training, count_from_ptr,
     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
@@ -323,11 +328,12 @@ def bn_bwd_dx_kernel(
     (sum_dy, sum_dy_xhat) from bn_bwd_merge_kernel (all-reduced for SyncBatchNorm).
     m: `count` (fp32 scalar), or count_ptr [C] acc if count_from_ptr (a global count that
     only exists on the device, SyncBatchNorm).
-    grid: (N * tiles_per_n, cdiv(C, BLOCK_C)).
+    grid: as bn_apply_kernel.
     Bytes per element: training: read x + read dy + write dx = 3 * elem_size; eval: 2 * elem_size.
     """
-    t = tl.program_id(0)
-    pid_c = tl.program_id(1)
+    pid = tl.program_id(0)
+    pid_c = pid // n_tiles
+    t = pid - pid_c * n_tiles
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
     mean, invstd, a = _channel_affine(mean_ptr, scale_ptr, weight_ptr, c, c_mask, eps,
