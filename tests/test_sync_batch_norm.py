@@ -123,6 +123,7 @@ def test_two_ranks_uneven_batches():
         ((3, 5), (4, 6), torch.float32, torch.contiguous_format, 0.1),  # uneven N
         ((2, 4), (7,), torch.float32, torch.contiguous_format, None),   # 1-D, cumulative
         ((4, 2), (5, 4), torch.float16, torch.channels_last, 0.1),      # half, NHWC
+        ((5, 3), (), torch.bfloat16, torch.contiguous_format, 0.1),     # (N, C), bfloat16
     ]
     _check(run_workers(2, _worker, cases), cases)
 
