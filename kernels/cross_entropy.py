@@ -45,6 +45,26 @@ def _tanh(x):
 
 
 @triton.jit
+def _row_coords(n_inner):
+    """(row, outer, inner) of this program's row, int64 for address arithmetic.
+
+    n_rows < 2^31 (the grid limit), so the division runs in 32 bits (a 64-bit
+    division is a slow subroutine call on the GPU)."""
+    row = tl.program_id(0)
+    outer = (row // n_inner).to(tl.int64)
+    inner = (row % n_inner).to(tl.int64)
+    return row.to(tl.int64), outer, inner
+
+
+@triton.jit
+def _scalar(hi, lo, IS_FP64: tl.constexpr):
+    """A host float passed as an fp32 pair hi + lo, in the accumulation dtype."""
+    if IS_FP64:
+        return tl.cast(hi, tl.float64) + tl.cast(lo, tl.float64)
+    return tl.cast(hi, tl.float32) + tl.cast(lo, tl.float32)
+
+
+@triton.jit
 def _load_logits(row_ptr, cols, mask, class_stride, softcap, has_softcap, IS_FP64: tl.constexpr):
     """Load one chunk of a row, upcast, soft-cap; padded lanes are -inf (after the cap)."""
     z = tl.load(row_ptr + cols * class_stride, mask=mask, other=0.0)
@@ -139,10 +159,7 @@ def cross_entropy_fwd_bwd_kernel(
     logsumexp pass, one gradient pass. Probability targets add 1 read of y per
     logit per pass. Per row: a few scalars.
     """
-    row = tl.program_id(0)  # n_rows < 2^31 (grid limit): 32-bit division, no 64-bit call
-    outer = (row // n_inner).to(tl.int64)
-    inner = (row % n_inner).to(tl.int64)
-    row = row.to(tl.int64)
+    row, outer, inner = _row_coords(n_inner)
     row_logits = logits_ptr + outer * logit_stride_outer + inner * logit_stride_inner
     row_grad = grad_ptr + outer * grad_stride_outer + inner * grad_stride_inner
     row_target = target_ptr + outer * target_stride_outer + inner * target_stride_inner
@@ -150,9 +167,9 @@ def cross_entropy_fwd_bwd_kernel(
         acc_ty = tl.float64
     else:
         acc_ty = tl.float32
-    label_smoothing = tl.cast(smoothing_hi, acc_ty) + tl.cast(smoothing_lo, acc_ty)
-    z_loss = tl.cast(z_loss_hi, acc_ty) + tl.cast(z_loss_lo, acc_ty)
-    softcap = tl.cast(softcap_hi, acc_ty) + tl.cast(softcap_lo, acc_ty)
+    label_smoothing = _scalar(smoothing_hi, smoothing_lo, IS_FP64)
+    z_loss = _scalar(z_loss_hi, z_loss_lo, IS_FP64)
+    softcap = _scalar(softcap_hi, softcap_lo, IS_FP64)
     weight_total = tl.load(reduce_ptr + 1).to(acc_ty)
 
     # Class-index target: validity, its weight and its (capped) logit, by scalar loads.
@@ -287,10 +304,8 @@ def scale_grad_kernel(
     Bytes per element: 0 when grad_output == 1 (one scalar read per program),
     otherwise 1 read + 1 write.
     """
-    row = tl.program_id(0)
+    _, outer, inner = _row_coords(n_inner)
     chunk = tl.program_id(1)
-    outer = (row // n_inner).to(tl.int64)
-    inner = (row % n_inner).to(tl.int64)
     if PER_ROW:
         g_out = tl.load(grad_output_ptr + outer * go_stride_outer + inner * go_stride_inner)
     else:
@@ -339,17 +354,14 @@ def cross_entropy_shard_stats_kernel(
     Constexprs: PROB_TARGET, IS_FP64, LARGE_OFFSETS (int64 class offsets), BLOCK_V.
     Bytes per logit: 1 read (plus 1 read of y with probability targets).
     """
-    row = tl.program_id(0)  # n_rows < 2^31 (grid limit): 32-bit division, no 64-bit call
-    outer = (row // n_inner).to(tl.int64)
-    inner = (row % n_inner).to(tl.int64)
-    row = row.to(tl.int64)
+    row, outer, inner = _row_coords(n_inner)
     row_logits = logits_ptr + outer * logit_stride_outer + inner * logit_stride_inner
     row_target = target_ptr + outer * target_stride_outer + inner * target_stride_inner
     if IS_FP64:
         acc_ty = tl.float64
     else:
         acc_ty = tl.float32
-    softcap = tl.cast(softcap_hi, acc_ty) + tl.cast(softcap_lo, acc_ty)
+    softcap = _scalar(softcap_hi, softcap_lo, IS_FP64)
     cols = tl.arange(0, BLOCK_V)
     if LARGE_OFFSETS:
         cols = cols.to(tl.int64)
@@ -408,10 +420,7 @@ def cross_entropy_shard_grad_kernel(
     Constexprs: PROB_TARGET, IS_FP64, LARGE_OFFSETS, BLOCK_V.
     Bytes per logit: 1 read + 1 write (plus 1 read of y with probability targets).
     """
-    row = tl.program_id(0)  # n_rows < 2^31 (grid limit): 32-bit division, no 64-bit call
-    outer = (row // n_inner).to(tl.int64)
-    inner = (row % n_inner).to(tl.int64)
-    row = row.to(tl.int64)
+    row, outer, inner = _row_coords(n_inner)
     row_logits = logits_ptr + outer * logit_stride_outer + inner * logit_stride_inner
     row_grad = grad_ptr + outer * grad_stride_outer + inner * grad_stride_inner
     row_target = target_ptr + outer * target_stride_outer + inner * target_stride_inner
@@ -419,7 +428,7 @@ def cross_entropy_shard_grad_kernel(
         acc_ty = tl.float64
     else:
         acc_ty = tl.float32
-    softcap = tl.cast(softcap_hi, acc_ty) + tl.cast(softcap_lo, acc_ty)
+    softcap = _scalar(softcap_hi, softcap_lo, IS_FP64)
     coef = coef_ptr + row * 6
     lse = tl.load(coef).to(acc_ty)
     coef_a = tl.load(coef + 1).to(acc_ty)
