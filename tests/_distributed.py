@@ -43,6 +43,9 @@ def _child(rank: int, world_size: int, port: int, payload: bytes, results) -> No
         fn, args = pickle.loads(payload)
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                                 world_size=world_size)
+        # Every rank has connected before any may finish and tear the group down (a fast rank
+        # leaving early breaks a slow rank's connection set-up).
+        dist.barrier()
         try:
             out = fn(rank, world_size, *args)
         finally:
