@@ -60,8 +60,10 @@ def _row_coords(n_inner):
 def _scalar(hi, lo, IS_FP64: tl.constexpr):
     """A host float passed as an fp32 pair hi + lo, in the accumulation dtype."""
     if IS_FP64:
-        return tl.cast(hi, tl.float64) + tl.cast(lo, tl.float64)
-    return tl.cast(hi, tl.float32) + tl.cast(lo, tl.float32)
+        value = tl.cast(hi, tl.float64) + tl.cast(lo, tl.float64)
+    else:
+        value = tl.cast(hi, tl.float32) + tl.cast(lo, tl.float32)
+    return value
 
 
 @triton.jit
