@@ -251,7 +251,8 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None,
     inplace_backward: write the gradient into ``input``'s storage instead of a new
         N x V buffer. ``input`` then holds dL/dinput, not logits; autograd refuses
         (with its usual in-place error) a graph that still needs the old logits.
-        ``input`` must not be a leaf that requires grad.
+        ``input`` must not be a leaf that requires grad. Under ``torch.compile`` the
+        flag is ignored (the functional op is traced; the compiler plans buffers).
     process_group: vocab-parallel mode. ``input`` holds this rank's contiguous slice of
         the vocabulary (slices in rank order, widths may differ), ``target`` the global
         class ids (or this slice's probabilities), ``weight`` this slice's class
@@ -282,7 +283,10 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None,
         return vocab_parallel_cross_entropy(input, target, weight, ignore_index, reduction,
                                             label_smoothing, z_loss, softcap, inplace_backward,
                                             process_group)
-    if inplace_backward and needs_grad:
+    # Under torch.compile the functional op is used even with inplace_backward: Dynamo
+    # cannot trace an autograd.Function that marks its input dirty, and the compiler
+    # plans (and reuses) buffers itself. Eager mode honours the flag.
+    if inplace_backward and needs_grad and not torch.compiler.is_compiling():
         loss, _ = _InplaceCrossEntropy.apply(input, target, weight, ignore_index, reduction,
                                              label_smoothing, z_loss, softcap)
         return loss

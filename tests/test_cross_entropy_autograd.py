@@ -288,3 +288,20 @@ def test_gradient_buffer_becomes_grad_without_copy():
         loss = fg.cross_entropy(x, targets((4,), 64))
     loss.backward()
     assert x.grad.data_ptr() in saved_ptrs
+
+
+def test_compile_fullgraph_with_inplace_backward_flag():
+    # Under torch.compile the flag falls back to the functional op (documented): the
+    # graph must still trace whole and give torch's results.
+    x = logits((5, 30)).requires_grad_(True)
+    w = torch.randn(30, 30, device=DEVICE, requires_grad=True)
+    t = targets((5,), 30)
+
+    def step(inp):
+        return fg.cross_entropy(inp @ w, t, label_smoothing=0.1, inplace_backward=True)
+
+    loss = torch.compile(step, fullgraph=True, backend="aot_eager")(x)
+    loss.backward()
+    ref_loss, ref_grad = reference_with_grad((x @ w).detach(), t, label_smoothing=0.1)
+    assert_close(loss, ref_loss, torch.float32, "loss")
+    assert_close(w.grad, x.detach().double().t() @ ref_grad, torch.float32, "weight grad")
