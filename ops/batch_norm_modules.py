@@ -48,22 +48,26 @@ _FUSED = {torch.nn.BatchNorm1d: BatchNorm1d, torch.nn.BatchNorm2d: BatchNorm2d,
           torch.nn.BatchNorm3d: BatchNorm3d}
 
 
+def adopt_state(new: torch.nn.Module, old: torch.nn.Module) -> torch.nn.Module:
+    """Give ``new`` (built on the meta device) ``old``'s Parameter and buffer objects and
+    mode: an optimizer holding them keeps working and nothing is copied or moved."""
+    if old.affine:
+        new.weight = old.weight
+        new.bias = old.bias
+    new.running_mean = old.running_mean
+    new.running_var = old.running_var
+    new.num_batches_tracked = old.num_batches_tracked
+    new.train(old.training)
+    if hasattr(old, "qconfig"):
+        new.qconfig = old.qconfig
+    return new
+
+
 def _convert_one(bn: torch.nn.Module) -> torch.nn.Module:
     fused_cls = _FUSED[type(bn)]
-    # Built on the meta device, then given the original Parameter and buffer objects: an
-    # optimizer holding them keeps working and nothing is copied or moved.
     new = fused_cls(bn.num_features, eps=bn.eps, momentum=bn.momentum, affine=bn.affine,
                     track_running_stats=bn.track_running_stats, device="meta")
-    if bn.affine:
-        new.weight = bn.weight
-        new.bias = bn.bias
-    new.running_mean = bn.running_mean
-    new.running_var = bn.running_var
-    new.num_batches_tracked = bn.num_batches_tracked
-    new.train(bn.training)
-    if hasattr(bn, "qconfig"):
-        new.qconfig = bn.qconfig
-    return new
+    return adopt_state(new, bn)
 
 
 def convert_batchnorm(module: torch.nn.Module) -> torch.nn.Module:

@@ -18,6 +18,7 @@ import torch.distributed as dist
 from . import _alloc
 from . import _bn_launch as L
 from .batch_norm import _as_acc, _batch_norm_impl, _check_inputs
+from .batch_norm_modules import adopt_state
 
 
 def _all_gather_stats(local: torch.Tensor, group, world_size: int) -> torch.Tensor:
@@ -146,16 +147,7 @@ def convert_sync_batchnorm(module: torch.nn.Module, process_group=None) -> torch
             and not isinstance(module, SyncBatchNorm):
         new = SyncBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
                             module.track_running_stats, process_group, device="meta")
-        if module.affine:
-            new.weight = module.weight
-            new.bias = module.bias
-        new.running_mean = module.running_mean
-        new.running_var = module.running_var
-        new.num_batches_tracked = module.num_batches_tracked
-        new.train(module.training)
-        if hasattr(module, "qconfig"):
-            new.qconfig = module.qconfig
-        return new
+        return adopt_state(new, module)
     for name, child in module.named_children():
         converted = convert_sync_batchnorm(child, process_group)
         if converted is not child:
