@@ -109,7 +109,10 @@ def _grad_chunk(z, mask, cols, lse, coef_a, coef_t, coef_smooth, target_col, w, 
     if PROB_TARGET:
         g = coef_a * p - w * y
     else:
-        g = coef_a * p - coef_smooth * w - tl.where(cols == target_col, coef_t, 0.0)
+        # Without smoothing the w_c term is exactly absent (an inf weight must not give
+        # 0 * inf = NaN, as torch's plain NLL path shows).
+        g = coef_a * p - tl.where(coef_smooth != 0, coef_smooth * w, 0.0) \
+            - tl.where(cols == target_col, coef_t, 0.0)
     if has_softcap != 0:
         zc = z / softcap
         g = g * (1.0 - zc * zc)
@@ -247,8 +250,11 @@ def cross_entropy_fwd_bwd_kernel(
         eps_c = label_smoothing / n_classes
         coef_t = (1.0 - label_smoothing) * w_t
         coef_smooth = eps_c
-        loss = coef_t * (lse - z_t) + eps_c * (weight_total * lse - wz_sum) + z_loss * lse * lse
-        coef_a = coef_t + eps_c * weight_total + 2.0 * z_loss * lse
+        # The smoothing terms only when eps != 0: with eps == 0 torch computes plain NLL, so
+        # a -inf logit (masked vocabulary) or an inf weight must not turn 0 * inf into NaN.
+        smooth = tl.where(eps_c != 0, eps_c * (weight_total * lse - wz_sum), 0.0)
+        loss = coef_t * (lse - z_t) + smooth + z_loss * lse * lse
+        coef_a = coef_t + tl.where(eps_c != 0, eps_c * weight_total, 0.0) + 2.0 * z_loss * lse
         loss = tl.where(ignored, 0.0, tl.where(in_range, loss, float("nan")))
     tl.store(loss_ptr + row, loss)
     tl.store(lse_ptr + row, lse)

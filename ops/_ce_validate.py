@@ -68,6 +68,12 @@ def validate(input, target, weight, ignore_index, reduction, label_smoothing, z_
 
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
         raise TypeError(_err(f"`ignore_index` must be an int, got {type(ignore_index).__name__}"))
+    if not -(2**63) <= ignore_index < 2**63:
+        raise ValueError(_err(f"`ignore_index` must fit in int64, got {ignore_index}"))
+    if target.is_floating_point() and ignore_index >= 0:
+        # torch's rule: class probabilities have no class to ignore.
+        raise ValueError(_err("`ignore_index` is not supported for probability (floating "
+                              f"point) `target`, got ignore_index={ignore_index}"))
     if reduction not in _REDUCTIONS:
         raise ValueError(_err(f"`reduction` must be one of {_REDUCTIONS}, got {reduction!r}"))
     if not isinstance(label_smoothing, numbers.Real) or not 0.0 <= label_smoothing <= 1.0:

@@ -84,9 +84,12 @@ def _forward(input, target, weight, ignore_index, reduction, label_smoothing, z_
     eps_c = label_smoothing / n_total
     keep = 1.0 - label_smoothing
     z_term = z_loss * lse * lse
+    # Smoothing terms only when eps != 0 (a host float, not data): with eps == 0 torch
+    # computes plain NLL, and a -inf logit or an inf weight must not make 0 * inf = NaN.
+    smoothing = label_smoothing != 0.0
     if prob:
-        wy = keep * sum_wy + eps_c * w_total
-        wyz = keep * sum_wyz + eps_c * sum_wz
+        wy = keep * sum_wy + (eps_c * w_total if smoothing else 0.0)
+        wyz = keep * sum_wyz + (eps_c * sum_wz if smoothing else 0.0)
         loss_rows = wy * lse - wyz + z_term
         coef_a = wy + 2.0 * z_loss * lse
         coef_t = torch.zeros_like(lse)
@@ -96,16 +99,22 @@ def _forward(input, target, weight, ignore_index, reduction, label_smoothing, z_
         bad = valid & ((t < 0) | (t >= n_total))
         _check_targets(bad, device)
         coef_t = keep * w_target
-        loss_rows = coef_t * (lse - z_target) + eps_c * (w_total * lse - sum_wz) + z_term
-        coef_a = coef_t + eps_c * w_total + 2.0 * z_loss * lse
+        loss_rows = coef_t * (lse - z_target) + z_term
+        coef_a = coef_t + 2.0 * z_loss * lse
+        if smoothing:
+            loss_rows = loss_rows + eps_c * (w_total * lse - sum_wz)
+            coef_a = coef_a + eps_c * w_total
         nan = torch.full_like(lse, float("nan"))
         loss_rows = torch.where(valid, torch.where(bad, nan, loss_rows), 0.0)
         divisor = torch.where(valid, w_target if w is not None else 1.0, 0.0).sum()
-        row_scale = torch.where(valid, torch.where(bad, nan, 1.0), 0.0)
+        row_scale = torch.where(bad, nan, 1.0)
 
     if grad is not None:
         if reduction == "mean":
             row_scale = row_scale / divisor
+        if not prob:
+            # Ignored rows get an exact 0, not 0 * (1/0) = NaN when every row is ignored.
+            row_scale = torch.where(valid, row_scale, 0.0)
         coef = torch.stack([lse, coef_a, coef_t, row_scale, torch.full_like(lse, keep),
                             eps_c.expand_as(lse).to(acc)], dim=1).contiguous()
         grad3 = launch.rows_view(grad, class_dim=True)
@@ -116,6 +125,10 @@ def _forward(input, target, weight, ignore_index, reduction, label_smoothing, z_
         with device_guard(input):
             launch.launch_shard_grad(logits3, grad3, grad_target, w, coef, softcap=softcap,
                                      prob_target=prob)
+        if grad is input:
+            # The kernel wrote into the logits behind autograd's back: declare it, so a
+            # node that saved the old logits refuses to run.
+            torch.autograd.graph.increment_version(input)
 
     if reduction == "none":
         shape = [input.shape[0], *input.shape[2:]] if input.dim() > 1 else []
@@ -141,17 +154,13 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         grad = input if inplace else _alloc.empty_like(input)
         loss = _forward(input, target, weight, ignore_index, reduction, label_smoothing,
                         z_loss, softcap, grad, group)
-        if inplace:
-            ctx.mark_dirty(input)
-        else:
-            ctx.mark_non_differentiable(grad)
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(grad)
         ctx.applied_grad_output = None
-        return loss, grad
+        return loss
 
     @staticmethod
-    def backward(ctx, grad_loss, _grad_aux):
+    def backward(ctx, grad_loss):
         from .cross_entropy import _scaled_grad
 
         if grad_loss is None:
@@ -168,9 +177,8 @@ def vocab_parallel_cross_entropy(input, target, weight, ignore_index, reduction,
         raise ValueError("fusedgrad.cross_entropy: probability `target` must hold this rank's "
                          "slice of the vocabulary, shaped like `input`")
     if torch.is_grad_enabled() and input.requires_grad:
-        loss, _ = _VocabParallelCrossEntropy.apply(
+        return _VocabParallelCrossEntropy.apply(
             input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
             inplace_backward, group)
-        return loss
     return _forward(input, target, weight, ignore_index, reduction, label_smoothing, z_loss,
                     softcap, None, group)

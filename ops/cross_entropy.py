@@ -148,7 +148,11 @@ def _(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, s
 
 def _rescale_in_place(grad: Tensor, grad_output: Tensor) -> None:
     grad3 = launch.rows_view(grad, class_dim=True)
-    go = grad_output if grad_output.dim() == 0 else launch.rows_view(grad_output, False)
+    go = grad_output
+    if go.dim() > 0:
+        # (N, d1..dk) -> (N, S): a view when the strides allow, else an O(rows) copy
+        # (autograd may hand over e.g. an expanded tensor with strides (4, 0, 1)).
+        go = go.reshape(grad3.shape[0], grad3.shape[1])
     with device_guard(grad):
         launch.launch_scale_grad(grad3, go)
 
@@ -219,15 +223,19 @@ class _InplaceCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, target, weight, ignore_index, reduction, label_smoothing, z_loss,
                 softcap):
+        # The op declares its mutation of `input` (mutates_args): that bumps the version
+        # counter `input` shares with its base and views, so any node that saved the old
+        # logits refuses to run. No mark_dirty: it would forbid views of the logits
+        # (e.g. logits.view(-1, V)), the common case.
         loss = torch.ops.fusedgrad.cross_entropy_fwd_inplace(
             input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap)
-        ctx.mark_dirty(input)
+        ctx.set_materialize_grads(False)
         ctx.save_for_backward(input)
         ctx.applied_grad_output = None
-        return loss, input
+        return loss
 
     @staticmethod
-    def backward(ctx, grad_loss, _grad_input_out):
+    def backward(ctx, grad_loss):
         if grad_loss is None:
             return (None,) * 8
         return (_scaled_grad(ctx, grad_loss),) + (None,) * 7
@@ -251,7 +259,8 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None,
     inplace_backward: write the gradient into ``input``'s storage instead of a new
         N x V buffer. ``input`` then holds dL/dinput, not logits; autograd refuses
         (with its usual in-place error) a graph that still needs the old logits.
-        ``input`` must not be a leaf that requires grad. Under ``torch.compile`` the
+        ``input`` must not be a leaf that requires grad (ValueError). It may be a view
+        (e.g. ``logits.view(-1, V)``). Under ``torch.compile`` the
         flag is ignored (the functional op is traced; the compiler plans buffers).
     process_group: vocab-parallel mode. ``input`` holds this rank's contiguous slice of
         the vocabulary (slices in rank order, widths may differ), ``target`` the global
@@ -277,6 +286,15 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None,
     if target.is_floating_point() and target.requires_grad and torch.is_grad_enabled():
         raise ValueError("fusedgrad.cross_entropy: gradients with respect to probability "
                          "`target` are not supported; pass target.detach()")
+    if weight is not None and weight.requires_grad and torch.is_grad_enabled():
+        raise ValueError("fusedgrad.cross_entropy: gradients with respect to `weight` are not "
+                         "supported (torch does not compute them either); pass "
+                         "weight.detach()")
+    if inplace_backward and needs_grad and input.is_leaf:
+        # Checked before any kernel runs: the caller's leaf must not be overwritten.
+        raise ValueError("fusedgrad.cross_entropy: inplace_backward=True would overwrite "
+                         "`input`, a leaf tensor that requires grad; pass a non-leaf (e.g. "
+                         "the output of the layer that produced the logits)")
     if process_group is not None:
         from ._vocab_parallel import vocab_parallel_cross_entropy
 
@@ -287,9 +305,8 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None,
     # cannot trace an autograd.Function that marks its input dirty, and the compiler
     # plans (and reuses) buffers itself. Eager mode honours the flag.
     if inplace_backward and needs_grad and not torch.compiler.is_compiling():
-        loss, _ = _InplaceCrossEntropy.apply(input, target, weight, ignore_index, reduction,
-                                             label_smoothing, z_loss, softcap)
-        return loss
+        return _InplaceCrossEntropy.apply(input, target, weight, ignore_index, reduction,
+                                          label_smoothing, z_loss, softcap)
     loss, _ = torch.ops.fusedgrad.cross_entropy_fwd(
         input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
         needs_grad)

@@ -78,6 +78,27 @@ def test_device_mismatch():
         fg.cross_entropy(x, t, weight=torch.rand(10, device="meta"))
 
 
+def test_weight_requiring_grad_is_refused():
+    x, t = x_t()
+    with pytest.raises(ValueError, match="weight"):
+        fg.cross_entropy(x, t, weight=torch.rand(10, device=DEVICE, requires_grad=True))
+
+
+def test_ignore_index_with_probability_targets():
+    # torch's rule: a non-negative ignore_index is refused for probability targets.
+    x, _ = x_t()
+    y = torch.softmax(torch.randn(4, 10, device=DEVICE), 1)
+    with pytest.raises(ValueError, match="ignore_index"):
+        fg.cross_entropy(x, y, ignore_index=0)
+    fg.cross_entropy(x, y, ignore_index=-1)  # accepted, as by torch
+
+
+def test_ignore_index_out_of_int64_range():
+    x, t = x_t()
+    with pytest.raises(ValueError, match="ignore_index"):
+        fg.cross_entropy(x, t, ignore_index=2**63)
+
+
 def test_probability_target_requiring_grad_is_refused():
     x, _ = x_t()
     y = torch.softmax(torch.randn(4, 10, device=DEVICE), 1).requires_grad_(True)

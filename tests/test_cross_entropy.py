@@ -236,6 +236,28 @@ def test_extreme_logits_stay_finite():
     check(x, make_targets((4,), 100, ignore_frac=0.0), z_loss=1e-6)
 
 
+# A masked vocabulary (-inf logits) and an inf class weight: torch computes plain NLL
+# without smoothing, so the loss stays finite; the smoothing terms must be exactly absent.
+@pytest.mark.parametrize("n_classes", [300, 20000])  # single block; two-pass
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_masked_vocabulary_without_smoothing(n_classes, reduction):
+    x = make_logits((4, n_classes), torch.float32)
+    x[:, 7] = float("-inf")
+    x[1, 100:200] = float("-inf")
+    t = make_targets((4,), n_classes, ignore_frac=0.0)
+    t[t == 7] = 8
+    t[1] = 5
+    check(x, t, reduction=reduction, z_loss=1e-4)
+
+
+def test_infinite_weight_of_a_class_never_targeted():
+    x = make_logits((4, 6), torch.float32)
+    w = torch.rand(6, device=DEVICE) + 0.5
+    w[5] = float("inf")
+    t = torch.tensor([0, 1, 2, 3], device=DEVICE)
+    check(x, t, weight=w, reduction="sum")
+
+
 def test_deterministic():
     x = make_logits((33, 5000), torch.bfloat16).requires_grad_(True)
     t = make_targets((33,), 5000)

@@ -52,6 +52,19 @@ def test_expanded_grad_output_from_sum():
     assert_close(x.grad, ref_grad, torch.float32, "grad")
 
 
+def test_grad_output_that_is_not_a_view_of_rows():
+    # .sum(dim=1) of a (N, d1, d2) loss hands backward an expanded tensor with strides
+    # (d2, 0, 1), which cannot be viewed as (N, d1*d2).
+    x = logits((2, 5, 3, 4)).requires_grad_(True)
+    t = targets((2, 3, 4), 5)
+    loss = fg.cross_entropy(x, t, reduction="none")
+    g = torch.randn(2, 4, device=DEVICE)
+    loss.sum(dim=1).backward(g)
+    go = g.unsqueeze(1).expand(2, 3, 4)
+    _, ref_grad = reference_with_grad(x, t, grad_output=go, reduction="none")
+    assert_close(x.grad, ref_grad, torch.float32, "grad")
+
+
 def test_non_contiguous_grad_output():
     x = logits((6, 50)).requires_grad_(True)
     t = targets((6,), 50)
@@ -134,10 +147,29 @@ def test_inplace_backward_refuses_graph_needing_old_logits():
         (loss + other).backward()
 
 
-def test_inplace_backward_on_leaf_refuses():
+def test_inplace_backward_on_leaf_refuses_before_writing():
     x = logits((4, 30)).requires_grad_(True)
-    with pytest.raises(RuntimeError, match="leaf Variable that requires grad"):
+    before = x.detach().clone()
+    with pytest.raises(ValueError, match="inplace_backward"):
         fg.cross_entropy(x, targets((4,), 30), inplace_backward=True)
+    assert torch.equal(x.detach(), before)
+
+
+@pytest.mark.parametrize("make_view", ["flatten_tokens", "transpose"])
+def test_inplace_backward_on_a_view(make_view):
+    # (B, T, V) logits flattened to (B*T, V), the usual LM call; and a transposed view.
+    base = logits((2, 3, 40)).requires_grad_(True)
+    if make_view == "flatten_tokens":
+        x = (base * 1.0).view(-1, 40)
+    else:
+        x = (base * 1.0).view(6, 40).t().contiguous().t()
+    t = targets((6,), 40)
+    x_values = x.detach().clone()
+    loss = fg.cross_entropy(x, t, label_smoothing=0.1, inplace_backward=True)
+    (loss * 2.0).backward()
+    _, ref_grad = reference_with_grad(x_values, t, grad_output=torch.tensor(2.0),
+                                      label_smoothing=0.1)
+    assert_close(base.grad.view(6, 40), ref_grad, torch.float32, "grad")
 
 
 def test_inplace_without_grad_leaves_logits():
@@ -305,3 +337,30 @@ def test_compile_fullgraph_with_inplace_backward_flag():
     ref_loss, ref_grad = reference_with_grad((x @ w).detach(), t, label_smoothing=0.1)
     assert_close(loss, ref_loss, torch.float32, "loss")
     assert_close(w.grad, x.detach().double().t() @ ref_grad, torch.float32, "weight grad")
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="host synchronisation is a CUDA notion")
+@pytest.mark.parametrize("kwargs", [
+    dict(), dict(reduction="none"), dict(weight=True, label_smoothing=0.1),
+    dict(prob=True, z_loss=1e-3), dict(inplace_backward=True, softcap=10.0),
+])
+def test_no_host_synchronisation(kwargs):
+    # torch raises on any synchronising CUDA call (D2H copy, .item(), stream sync).
+    kwargs = dict(kwargs)
+    base = logits((64, 5000)).requires_grad_(True)
+    x = base * 1.0
+    if kwargs.pop("prob", False):
+        t = torch.softmax(torch.randn(64, 5000, device=DEVICE), 1)
+    else:
+        t = targets((64,), 5000)
+    if kwargs.pop("weight", False):
+        kwargs["weight"] = torch.rand(5000, device=DEVICE)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss = fg.cross_entropy(x, t, **kwargs)
+        loss.backward(torch.full_like(loss, 2.0))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    assert torch.isfinite(base.grad).all()

@@ -20,6 +20,15 @@ CASES_2 = [
          prob=True),
     dict(seed=4, shape=(4,), widths=(40, 24), kw=dict(label_smoothing=0.2), inplace=True,
          ignore=True),
+    # Slices wider than one chunk (the shard kernels' multi-chunk loop), soft-cap.
+    dict(seed=8, shape=(3,), widths=(5000, 4500), kw=dict(softcap=20.0, label_smoothing=0.05),
+         ignore=True),
+    # Every target ignored: NaN mean, zero gradient, as torch.
+    dict(seed=9, shape=(4,), widths=(10, 12), kw={}, all_ignored=True, weighted=True),
+    # A masked vocabulary (-inf logits) without smoothing stays finite, as torch.
+    dict(seed=10, shape=(5,), widths=(30, 34), kw=dict(z_loss=1e-3), minus_inf=True),
+    dict(seed=11, shape=(4,), widths=(300, 211), kw=dict(label_smoothing=0.1),
+         dtype=torch.bfloat16, inplace=True),
 ]
 CASES_3 = [
     dict(seed=5, shape=(2, 3), widths=(10, 1, 25), kw=dict(label_smoothing=0.1)),
@@ -37,12 +46,21 @@ def build(case):
     n = case["shape"][0]
     spatial = case["shape"][1:]
     x = torch.randn(n, n_classes, *spatial, generator=g) * 3
+    if case.get("minus_inf"):
+        x[:, 3] = float("-inf")
+        x[0, 40:50] = float("-inf")  # spans both slices
+    x = x.to(case.get("dtype", torch.float32))
     if case.get("prob"):
         t = torch.softmax(torch.randn(x.shape, generator=g) * 2, dim=1)
     else:
         t = torch.randint(0, n_classes, case["shape"], generator=g)
+        if case.get("minus_inf"):
+            t[t == 3] = 4
+            t.view(-1)[0] = 20
         if case.get("ignore"):
             t.view(-1)[1] = -100
+        if case.get("all_ignored"):
+            t.fill_(-100)
     w = torch.rand(n_classes, generator=g) + 0.2 if case.get("weighted") else None
     reduction = case["kw"].get("reduction", "mean")
     go = torch.rand(case["shape"], generator=g) + 0.5 if reduction == "none" \
@@ -68,7 +86,8 @@ def _worker(rank, world_size, cases):
         t_local = _slice(t, lo, hi).contiguous() if case.get("prob") else t
         w_local = w[lo:hi] if w is not None else None
         base = x_local.clone().requires_grad_(True)
-        inp = base * 1.0 if case.get("inplace") else base
+        # In-place mode on a view of a non-leaf, as logits.view(-1, V) would be.
+        inp = (base * 1.0).view(base.shape) if case.get("inplace") else base
         loss = fg.cross_entropy(inp, t_local, weight=w_local, process_group=dist.group.WORLD,
                                 inplace_backward=bool(case.get("inplace")), **case["kw"])
         loss.backward(go)
@@ -81,10 +100,11 @@ def _check(world_size, cases):
     for i, case in enumerate(cases):
         x, t, w, go = build(case)
         ref_loss, ref_grad = reference_with_grad(x, t, grad_output=go, weight=w, **case["kw"])
+        dtype = case.get("dtype", torch.float32)
         for rank in range(world_size):
-            assert_close(results[rank][i][0], ref_loss, torch.float32, f"case {i} rank {rank}")
+            assert_close(results[rank][i][0], ref_loss, dtype, f"case {i} rank {rank}")
         grad = torch.cat([results[r][i][1] for r in range(world_size)], dim=1)
-        assert_close(grad, ref_grad, torch.float32, f"case {i} gradient")
+        assert_close(grad, ref_grad, dtype, f"case {i} gradient")
 
 
 def test_two_ranks():
