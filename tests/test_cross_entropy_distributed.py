@@ -29,6 +29,11 @@ CASES_2 = [
     dict(seed=10, shape=(5,), widths=(30, 34), kw=dict(z_loss=1e-3), minus_inf=True),
     dict(seed=11, shape=(4,), widths=(300, 211), kw=dict(label_smoothing=0.1),
          dtype=torch.bfloat16, inplace=True),
+    # The int64-offset variants of the shard kernels (forced: 2^31 elements do not fit here).
+    dict(seed=12, shape=(3, 2), widths=(70, 50), kw=dict(label_smoothing=0.1, softcap=5.0),
+         large_offsets=True, ignore=True),
+    dict(seed=13, shape=(3,), widths=(20, 26), kw=dict(z_loss=1e-2), prob=True,
+         large_offsets=True),
 ]
 CASES_3 = [
     dict(seed=5, shape=(2, 3), widths=(10, 1, 25), kw=dict(label_smoothing=0.1)),
@@ -76,9 +81,13 @@ def _worker(rank, world_size, cases):
     import torch.distributed as dist
 
     import fusedgrad as fg
+    from fusedgrad import _ce_launch
 
     out = []
+    real_needs_large_offsets = _ce_launch.needs_large_offsets
     for case in cases:
+        _ce_launch.needs_large_offsets = (lambda *t: True) if case.get("large_offsets") \
+            else real_needs_large_offsets
         x, t, w, go = build(case)
         lo = sum(case["widths"][:rank])
         hi = lo + case["widths"][rank]
