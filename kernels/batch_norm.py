@@ -43,13 +43,17 @@ def _inv_sqrt(v):
 
 @triton.jit
 def _tile(t, tiles_per_n, S, c_off, c_mask, stride_n, stride_s, BLOCK_S: tl.constexpr):
-    """Offsets [BLOCK_C, BLOCK_S] (int64), mask and valid-position count of tile ``t``."""
+    """Offsets [BLOCK_C, BLOCK_S] (int64), mask and valid-position count of tile ``t``.
+
+    The row index is int64 from the start: with N folded into S (channels_last, C == 1,
+    (N, C) inputs) S = N * H * W may pass 2^31 while the tile index t stays int32."""
     n = t // tiles_per_n
-    s0 = (t - n * tiles_per_n) * BLOCK_S
+    s0 = (t - n * tiles_per_n).to(tl.int64) * BLOCK_S
+    # Positions left in the row, at most BLOCK_S: the mask compares in int32.
+    n_valid = tl.minimum(S - s0, BLOCK_S).to(tl.int32)
     s = s0 + tl.arange(0, BLOCK_S)
-    mask = c_mask[:, None] & (s < S)[None, :]
-    offs = n.to(tl.int64) * stride_n + c_off[:, None] + s.to(tl.int64)[None, :] * stride_s
-    n_valid = tl.minimum(S - s0, BLOCK_S)
+    mask = c_mask[:, None] & (tl.arange(0, BLOCK_S) < n_valid)[None, :]
+    offs = n.to(tl.int64) * stride_n + c_off[:, None] + s[None, :] * stride_s
     return offs, mask, n_valid
 
 

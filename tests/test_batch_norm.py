@@ -3,9 +3,12 @@
 import pytest
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 
 import fusedgrad as fg
 from fusedgrad import _bn_launch as L
+from fusedgrad.kernels.batch_norm import _tile
 
 from helpers import DEVICE, assert_close, rel_err
 
@@ -365,3 +368,33 @@ def test_static_compile_sm90():
     problems = {name: probs for name, _, probs in reports if probs}
     assert not problems, problems
     assert max(regs for _, regs, _ in reports) <= 255
+
+
+# ----------------------------------------------------------------------------- reviewer findings
+@triton.jit
+def _tile_probe(offs_ptr, n_valid_ptr, t, tiles_per_n, S, stride_s, BLOCK_S: tl.constexpr):
+    # One channel at offset 0 (c_off = 0): the offsets and the valid count of tile t.
+    c = tl.arange(0, 1)
+    offs, mask, n_valid = _tile(t, tiles_per_n, S, c.to(tl.int64) * 0, c < 1, 0, stride_s,
+                                BLOCK_S)
+    tl.store(n_valid_ptr, n_valid.to(tl.int64))
+    tl.store(offs_ptr + tl.arange(0, BLOCK_S)[None, :] + c[:, None], tl.where(mask, offs, -1))
+
+
+@pytest.mark.parametrize("tile", ["straddles_2^31", "last"])
+@pytest.mark.parametrize("stride_s", [1, 3])  # folded NCHW rows / channels_last with C = 3
+def test_tile_offsets_past_2_31(tile, stride_s):
+    # Folding N into S (channels_last, C == 1, (N, C) inputs) makes S = N * H * W, which may
+    # pass 2^31: the row index of a tile must not wrap in int32. Only the index math runs
+    # here (no 2^31-element tensor).
+    block_s = 2048
+    S = 2**31 + block_s + 100
+    tiles_per_n = -(-S // block_s)
+    t = 2**31 // block_s if tile == "straddles_2^31" else tiles_per_n - 1
+    offs = torch.zeros(1, block_s, dtype=torch.int64, device=DEVICE)
+    n_valid = torch.zeros(1, dtype=torch.int64, device=DEVICE)
+    _tile_probe[(1,)](offs, n_valid, t, tiles_per_n, S, stride_s, BLOCK_S=block_s)
+    s = t * block_s + torch.arange(block_s, dtype=torch.int64)
+    expected = torch.where(s < S, s * stride_s, -1)
+    assert int(n_valid) == min(S - t * block_s, block_s)
+    assert torch.equal(offs.cpu()[0], expected)
