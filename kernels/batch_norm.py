@@ -324,8 +324,10 @@ def bn_bwd_dx_kernel(
 ):
     """dx = w * invstd / m * (m * dy - sum_dy - x_hat * sum_dy_xhat), one tile per program.
 
-    Folded per channel into dx = a * dy + q * x + r with a = w * invstd,
-    q = -a * invstd * sum_dy_xhat / m and r = -a * sum_dy / m - q * mean (two FMAs/element).
+    Folded per channel into dx = a * dy + q * (x - mean) + r with a = w * invstd,
+    q = -a * invstd * sum_dy_xhat / m and r = -a * sum_dy / m (a subtraction and two
+    FMAs per element). x - mean is centred before the multiply: folding q * mean into r
+    would cancel q * x against it and lose the digits of a large mean (x = 100 + 0.01 * randn).
     Eval (training == 0): statistics are constants, dx = a * dy and x is not read.
     x_ptr, dy_ptr, dx_ptr: (N, C, S) views sharing strides; dx in x's dtype.
     mean_ptr, scale_ptr, weight_ptr: [C] acc as in bn_apply_kernel. sums_ptr: [2, C] acc
@@ -350,11 +352,11 @@ def bn_bwd_dx_kernel(
     sum_dy = tl.load(sums_ptr + c, mask=stat_mask, other=0.0)
     sum_dy_xhat = tl.load(sums_ptr + C + c, mask=stat_mask, other=0.0)
     q = -a * invstd * sum_dy_xhat / m
-    r = -a * sum_dy / m - q * mean
+    r = -a * sum_dy / m
     offs, mask, n_valid = _tile(t, tiles_per_n, S, c.to(tl.int64) * stride_c, c_mask, stride_n,
                                 stride_s, BLOCK_S)
     dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(acc_ty)
     # In eval q = r = 0 and the masked-off load of x touches no memory.
     x = tl.load(x_ptr + offs, mask=mask & is_training, other=0.0).to(acc_ty)
-    dx = a[:, None] * dy + q[:, None] * x + r[:, None]
+    dx = a[:, None] * dy + q[:, None] * (x - mean[:, None]) + r[:, None]
     tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)

@@ -398,3 +398,54 @@ def test_tile_offsets_past_2_31(tile, stride_s):
     expected = torch.where(s < S, s * stride_s, -1)
     assert int(n_valid) == min(S - t * block_s, block_s)
     assert torch.equal(offs.cpu()[0], expected)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_dx_kernel_large_mean(layout):
+    # x = 1000 + 0.01 * randn: the dx kernel, given fp32 statistics, must evaluate its formula
+    # without cancellation. The old fold dx = a * dy + q * x + (r - q * mean) subtracted
+    # q * x and q * mean (each ~1e5 times dx's size here): relative error ~3e-4.
+    shape = (4, 3, 8, 8)
+    x = (1000 + 0.01 * torch.randn(shape, device=DEVICE))
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    dy = torch.randn(shape, device=DEVICE).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(3, device=DEVICE)
+    xd, dyd = x.double(), dy.double()
+    m = x.numel() // 3
+    mean = xd.mean(dim=(0, 2, 3)).float()
+    invstd = (xd.var(dim=(0, 2, 3), unbiased=False) + 1e-5).rsqrt().float()
+    # float64 evaluation of the same formula with the same fp32 statistics.
+    x_hat = (xd - mean.double()[:, None, None]) * invstd.double()[:, None, None]
+    sums = torch.stack([dyd.sum(dim=(0, 2, 3)), (dyd * x_hat).sum(dim=(0, 2, 3))])
+    expected = (w.double() * invstd.double())[:, None, None] / m * (
+        m * dyd - sums[0][:, None, None] - x_hat * sums[1][:, None, None])
+    xp = L.prepare_input(x)
+    plan = L.make_plan(xp)
+    dx = L.dx(xp, L.match_layout(dy, xp), plan, mean, invstd, False, w, sums.float(), m,
+              True, 1e-5)
+    assert_close(dx, expected, torch.float32, "dx")
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_large_mean_end_to_end(layout):
+    # Through the op: x = 1000 + 0.01 * z with z on the fp32 grid of 1000 (multiples of 2^-14)
+    # and summing to exactly 0 per channel, so the fp32 batch mean is exactly 1000 and dx's
+    # only error is the kernels' arithmetic. (For arbitrary data the fp32 rounding of the mean
+    # itself, ulp(mean) / 2 / std / sqrt(m), bounds every fp32 implementation, torch's too.)
+    # The uncentred dx had relative error ~3e-4 here.
+    shape = (4, 3, 8, 8)
+    k = torch.round(torch.randn(shape, device=DEVICE) * 0.01 * 2**14)
+    k -= torch.round(k.mean(dim=(0, 2, 3)))[None, :, None, None]
+    k[0, :, -1, -1] -= k.sum(dim=(0, 2, 3))  # the remainder (at most m / 2) on one element
+    x = 1000 + k * 2.0**-14
+    assert torch.equal(x.double().mean(dim=(0, 2, 3)), torch.full((3,), 1000.0).double())
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    w = torch.randn(3, device=DEVICE).requires_grad_()
+    dy = torch.randn(shape, device=DEVICE)
+    ref = _reference(x, w, None, None, None, True, 0.1, 1e-5, dy)
+    fg.batch_norm(x, None, None, w, None, training=True).backward(dy)
+    assert_close(x.grad, ref["dx"], torch.float32, "dx")
+    assert_close(w.grad, ref["dw"], torch.float32, "dweight")
