@@ -42,6 +42,13 @@ def _inv_sqrt(v):
 
 
 @triton.jit
+def _host_float(hi, lo, acc_ty: tl.constexpr):
+    """A host float passed as an fp32 pair hi + lo (compiled Triton types every Python float
+    argument fp32), in the accumulation dtype: ~48 significant bits for float64."""
+    return tl.cast(hi, acc_ty) + tl.cast(lo, acc_ty)
+
+
+@triton.jit
 def _tile(t, tiles_per_n, S, c_off, c_mask, stride_n, stride_s, BLOCK_S: tl.constexpr):
     """Offsets [BLOCK_C, BLOCK_S] (int64), mask and valid-position count of tile ``t``.
 
@@ -125,7 +132,7 @@ def bn_stats_partial_kernel(
 def bn_merge_stats_kernel(
     part_ptr, n_parts, C, part_stride, field_stride, shift_ptr, has_shift,
     out0_ptr, out1_ptr, out2_ptr,
-    running_mean_ptr, running_var_ptr, nbt_ptr, momentum, eps,
+    running_mean_ptr, running_var_ptr, nbt_ptr, momentum_hi, momentum_lo, eps_hi, eps_lo,
     final, update_running, cumulative, write_count,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
@@ -145,6 +152,7 @@ def bn_merge_stats_kernel(
         count; if update_running, running_mean/var [C] acc are updated in place with factor
         `momentum`, or 1/num_batches_tracked (nbt_ptr: int64 [1], read on the device) if
         cumulative; running_var receives the unbiased variance M2/(count - 1).
+    momentum, eps: host floats as fp32 pairs hi + lo (see _host_float).
     grid: (cdiv(C, BLOCK_C),). Bytes: O(parts * C), independent of the input size.
     """
     pid = tl.program_id(0)
@@ -174,13 +182,14 @@ def bn_merge_stats_kernel(
         count = new_count
     mean += tl.load(shift_ptr + c, mask=c_mask & (has_shift != 0), other=0.0)
     if final != 0:
+        eps = _host_float(eps_hi, eps_lo, acc_ty)
         invstd = _inv_sqrt(m2 / tl.maximum(count, 1.0) + eps)
         tl.store(out0_ptr + c, mean, mask=c_mask)
         tl.store(out1_ptr + c, invstd, mask=c_mask)
         if write_count != 0:
             tl.store(out2_ptr + c, count, mask=c_mask)
         if update_running != 0:
-            factor = tl.full([], momentum, acc_ty)
+            factor = _host_float(momentum_hi, momentum_lo, acc_ty)
             if cumulative != 0:
                 factor = 1.0 / tl.load(nbt_ptr).to(acc_ty)
             running_mean = tl.load(running_mean_ptr + c, mask=c_mask, other=0.0)
@@ -197,11 +206,13 @@ def bn_merge_stats_kernel(
 
 
 @triton.jit
-def _channel_affine(mean_ptr, scale_ptr, weight_ptr, c, c_mask, eps, scale_is_var, has_weight):
+def _channel_affine(mean_ptr, scale_ptr, weight_ptr, c, c_mask, eps_hi, eps_lo, scale_is_var,
+                    has_weight):
     """Per-channel mean, invstd and weight * invstd (acc dtype)."""
     mean = tl.load(mean_ptr + c, mask=c_mask, other=0.0)
     scale = tl.load(scale_ptr + c, mask=c_mask, other=1.0)
     # scale holds invstd (batch statistics) or a variance (running statistics).
+    eps = _host_float(eps_hi, eps_lo, scale.dtype)
     invstd = tl.where(scale_is_var != 0, _inv_sqrt(scale + eps), scale)
     w = tl.load(weight_ptr + c, mask=c_mask & (has_weight != 0), other=1.0)
     return mean, invstd, w * invstd
@@ -210,7 +221,7 @@ def _channel_affine(mean_ptr, scale_ptr, weight_ptr, c, c_mask, eps, scale_is_va
 @triton.jit(do_not_specialize=_RUNTIME_INTS + ["scale_is_var", "has_weight", "has_bias"])
 def bn_apply_kernel(
     x_ptr, y_ptr, mean_ptr, scale_ptr, weight_ptr, bias_ptr,
-    C, S, stride_n, stride_c, stride_s, tiles_per_n, n_tiles, eps,
+    C, S, stride_n, stride_c, stride_s, tiles_per_n, n_tiles, eps_hi, eps_lo,
     scale_is_var, has_weight, has_bias,
     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
@@ -218,8 +229,9 @@ def bn_apply_kernel(
 
     x_ptr, y_ptr: (N, C, S) views sharing the strides stride_n/c/s; y in x's dtype.
     mean_ptr, scale_ptr: [C] acc; scale is invstd, or a variance if scale_is_var
-        (eval: invstd = 1/sqrt(running_var + eps)). weight_ptr, bias_ptr: [C] acc, read only
-        if has_weight / has_bias (otherwise any acc pointer).
+        (eval: invstd = 1/sqrt(running_var + eps), eps = eps_hi + eps_lo: see _host_float).
+        weight_ptr, bias_ptr: [C] acc, read only if has_weight / has_bias (otherwise any acc
+        pointer).
     grid: (n_tiles * cdiv(C, BLOCK_C),), program = channel block * n_tiles + tile;
     n_tiles = N * tiles_per_n.
     Bytes per element: read x + write y = 2 * elem_size.
@@ -229,8 +241,8 @@ def bn_apply_kernel(
     t = pid - pid_c * n_tiles
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
-    mean, invstd, a = _channel_affine(mean_ptr, scale_ptr, weight_ptr, c, c_mask, eps,
-                                      scale_is_var, has_weight)
+    mean, invstd, a = _channel_affine(mean_ptr, scale_ptr, weight_ptr, c, c_mask, eps_hi,
+                                      eps_lo, scale_is_var, has_weight)
     b = tl.load(bias_ptr + c, mask=c_mask & (has_bias != 0), other=0.0) - mean * a
     offs, mask, n_valid = _tile(t, tiles_per_n, S, c.to(tl.int64) * stride_c, c_mask, stride_n,
                                 stride_s, BLOCK_S)
@@ -243,13 +255,14 @@ def bn_apply_kernel(
 def bn_bwd_partial_kernel(
     x_ptr, dy_ptr, mean_ptr, scale_ptr, part_ptr,
     C, S, stride_n, stride_c, stride_s,
-    tiles_per_n, tiles_per_split, n_tiles, n_splits, part_field_stride, eps, scale_is_var,
-    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+    tiles_per_n, tiles_per_split, n_tiles, n_splits, part_field_stride, eps_hi, eps_lo,
+    scale_is_var, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     """Per (split, channel): sum(dy) and sum(dy * x_hat), x_hat = (x - mean) * invstd.
 
     x_ptr, dy_ptr: (N, C, S) views sharing strides. mean_ptr, scale_ptr: [C] acc (scale as in
-    bn_apply_kernel). part_ptr: [2, P, C] acc (field stride P * C): sum_dy, sum_dy_xhat.
+    bn_apply_kernel, eps as eps_hi + eps_lo). part_ptr: [2, P, C] acc (field stride P * C):
+    sum_dy, sum_dy_xhat.
     Tiling and grid as bn_stats_partial_kernel. Accumulates elementwise in acc registers and
     reduces the tile axis once at the end; invstd is applied once per channel.
     Bytes per element: read x + read dy = 2 * elem_size.
@@ -263,6 +276,7 @@ def bn_bwd_partial_kernel(
     c_off = c.to(tl.int64) * stride_c
     mean = tl.load(mean_ptr + c, mask=c_mask, other=0.0)
     scale = tl.load(scale_ptr + c, mask=c_mask, other=1.0)
+    eps = _host_float(eps_hi, eps_lo, acc_ty)
     invstd = tl.where(scale_is_var != 0, _inv_sqrt(scale + eps), scale)
     sum_dy = tl.zeros([BLOCK_C, BLOCK_S], dtype=acc_ty)
     sum_dy_xmu = tl.zeros([BLOCK_C, BLOCK_S], dtype=acc_ty)
@@ -314,11 +328,11 @@ def bn_bwd_merge_kernel(
         tl.store(grad_weight_ptr + c, sum_dy_xhat, mask=c_mask)
 
 
-@triton.jit(do_not_specialize=_RUNTIME_INTS + ["scale_is_var", "has_weight", "training",
-                                               "count_from_ptr"])
+@triton.jit(do_not_specialize=_RUNTIME_INTS + ["count", "scale_is_var", "has_weight",
+                                               "training", "count_from_ptr"])
 def bn_bwd_dx_kernel(
     x_ptr, dy_ptr, dx_ptr, mean_ptr, scale_ptr, weight_ptr, sums_ptr, count_ptr, count,
-    C, S, stride_n, stride_c, stride_s, tiles_per_n, n_tiles, eps,
+    C, S, stride_n, stride_c, stride_s, tiles_per_n, n_tiles, eps_hi, eps_lo,
     scale_is_var, has_weight, training, count_from_ptr,
     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
@@ -332,8 +346,9 @@ def bn_bwd_dx_kernel(
     x_ptr, dy_ptr, dx_ptr: (N, C, S) views sharing strides; dx in x's dtype.
     mean_ptr, scale_ptr, weight_ptr: [C] acc as in bn_apply_kernel. sums_ptr: [2, C] acc
     (sum_dy, sum_dy_xhat) from bn_bwd_merge_kernel (all-reduced for SyncBatchNorm).
-    m: `count` (fp32 scalar), or count_ptr [C] acc if count_from_ptr (a global count that
-    only exists on the device, SyncBatchNorm).
+    m: `count` (an integer: exact, unlike a Python float, which compiled Triton passes as
+    fp32), or count_ptr [C] acc if count_from_ptr (a global count that only exists on the
+    device, SyncBatchNorm). eps = eps_hi + eps_lo (see _host_float).
     grid: as bn_apply_kernel.
     Bytes per element: training: read x + read dy + write dx = 3 * elem_size; eval: 2 * elem_size.
     """
@@ -342,12 +357,13 @@ def bn_bwd_dx_kernel(
     t = pid - pid_c * n_tiles
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
-    mean, invstd, a = _channel_affine(mean_ptr, scale_ptr, weight_ptr, c, c_mask, eps,
-                                      scale_is_var, has_weight)
+    mean, invstd, a = _channel_affine(mean_ptr, scale_ptr, weight_ptr, c, c_mask, eps_hi,
+                                      eps_lo, scale_is_var, has_weight)
     acc_ty = a.dtype
     is_training = training != 0
     stat_mask = c_mask & is_training
-    m = tl.load(count_ptr + c, mask=stat_mask & (count_from_ptr != 0), other=count).to(acc_ty)
+    m = tl.load(count_ptr + c, mask=stat_mask & (count_from_ptr != 0), other=0.0).to(acc_ty)
+    m = tl.where(count_from_ptr != 0, m, tl.cast(count, acc_ty))
     m = tl.maximum(m, 1.0)
     sum_dy = tl.load(sums_ptr + c, mask=stat_mask, other=0.0)
     sum_dy_xhat = tl.load(sums_ptr + C + c, mask=stat_mask, other=0.0)

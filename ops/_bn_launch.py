@@ -19,6 +19,7 @@ import math
 import torch
 
 from . import _alloc
+from ._ce_launch import split_f64
 from ._runtime import device_guard
 from .kernels import batch_norm as bn_kernels
 
@@ -256,7 +257,7 @@ def merge_stats_local(part: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     with device_guard(part):
         bn_kernels.bn_merge_stats_kernel[_merge_grid(C)](
             part, n_parts, C, C, n_parts * C, shift, 1, out[0], out[1], out[2],
-            out, out, _dummy_i64(part.device), 0.0, 0.0, 0, 0, 0, 0,
+            out, out, _dummy_i64(part.device), 0.0, 0.0, 0.0, 0.0, 0, 0, 0, 0,
             BLOCK_P=MERGE_BLOCK_P, BLOCK_C=MERGE_BLOCK_C, num_warps=MERGE_NUM_WARPS)
     return out
 
@@ -278,8 +279,8 @@ def merge_stats_final(part: torch.Tensor, part_stride: int, field_stride: int, n
             part, n_parts, C, part_stride, field_stride,
             shift if shift is not None else mean, int(shift is not None), mean, invstd, count,
             running_mean if update else mean, running_var if update else mean,
-            nbt if nbt is not None else _dummy_i64(dev), float(momentum), float(eps),
-            1, int(update), int(nbt is not None), int(want_count),
+            nbt if nbt is not None else _dummy_i64(dev), *split_f64(float(momentum)),
+            *split_f64(float(eps)), 1, int(update), int(nbt is not None), int(want_count),
             BLOCK_P=MERGE_BLOCK_P, BLOCK_C=MERGE_BLOCK_C, num_warps=MERGE_NUM_WARPS)
     return (mean, invstd, count) if want_count else (mean, invstd)
 
@@ -292,8 +293,9 @@ def apply(x: torch.Tensor, plan: Plan, mean, scale, scale_is_var: bool, weight, 
         bn_kernels.bn_apply_kernel[(plan.n_tiles * plan.n_cblocks,)](
             x, y, mean, scale, weight if weight is not None else mean,
             bias if bias is not None else mean,
-            plan.C, plan.S, *plan.strides, plan.tiles_per_n, plan.n_tiles, float(eps),
-            int(scale_is_var), int(weight is not None), int(bias is not None), **_meta(plan))
+            plan.C, plan.S, *plan.strides, plan.tiles_per_n, plan.n_tiles,
+            *split_f64(float(eps)), int(scale_is_var), int(weight is not None),
+            int(bias is not None), **_meta(plan))
     return y
 
 
@@ -306,7 +308,7 @@ def bwd_partials(x: torch.Tensor, dy: torch.Tensor, plan: Plan, mean, scale,
         bn_kernels.bn_bwd_partial_kernel[(splits * plan.n_cblocks,)](
             x, dy, mean, scale, part, plan.C, plan.S, *plan.strides,
             plan.tiles_per_n, tiles_per_split, plan.n_tiles, splits, splits * plan.C,
-            float(eps), int(scale_is_var), **_meta(plan))
+            *split_f64(float(eps)), int(scale_is_var), **_meta(plan))
     return part
 
 
@@ -328,18 +330,19 @@ def bwd_merge(part: torch.Tensor, want_grads: bool):
 
 def dx(x: torch.Tensor, dy: torch.Tensor, plan: Plan, mean, scale, scale_is_var: bool, weight,
        sums, count, training: bool, eps: float) -> torch.Tensor:
-    """Input gradient in x's layout and dtype. count: a number (m), or a [C] acc tensor holding
-    a count known only on the device (SyncBatchNorm). sums: [2, C] acc (ignored in eval)."""
+    """Input gradient in x's layout and dtype. count: an integer (m, passed exactly), or a [C]
+    acc tensor holding a count known only on the device (SyncBatchNorm). sums: [2, C] acc
+    (ignored in eval)."""
     out = output_like(x)
     count_is_tensor = isinstance(count, torch.Tensor)
     with device_guard(x):
         bn_kernels.bn_bwd_dx_kernel[(plan.n_tiles * plan.n_cblocks,)](
             x, dy, out, mean, scale, weight if weight is not None else mean,
             sums if sums is not None else mean, count if count_is_tensor else mean,
-            0.0 if count_is_tensor else float(count),
-            plan.C, plan.S, *plan.strides, plan.tiles_per_n, plan.n_tiles, float(eps),
-            int(scale_is_var), int(weight is not None), int(training), int(count_is_tensor),
-            **_meta(plan))
+            0 if count_is_tensor else int(count),
+            plan.C, plan.S, *plan.strides, plan.tiles_per_n, plan.n_tiles,
+            *split_f64(float(eps)), int(scale_is_var), int(weight is not None),
+            int(training), int(count_is_tensor), **_meta(plan))
     return out
 
 
@@ -388,19 +391,20 @@ def static_configs():
                 "apply": (k.bn_apply_kernel, {
                     "x_ptr": x, "y_ptr": x, "mean_ptr": acc, "scale_ptr": acc,
                     "weight_ptr": acc, "bias_ptr": acc, "C": "i32", "S": "i32", **strides,
-                    "tiles_per_n": "i32", "n_tiles": "i32", "eps": "fp32", "scale_is_var": "i32",
+                    "tiles_per_n": "i32", "n_tiles": "i32", "eps_hi": "fp32", "eps_lo": "fp32",
+                    "scale_is_var": "i32",
                     "has_weight": "i32", "has_bias": "i32"}),
                 "bwd_partial": (k.bn_bwd_partial_kernel, {
                     "x_ptr": x, "dy_ptr": x, "mean_ptr": acc, "scale_ptr": acc,
                     "part_ptr": acc, "C": "i32", "S": "i32", **strides,
                     "tiles_per_n": "i32", "tiles_per_split": "i32", "n_tiles": "i32",
-                    "n_splits": "i32", "part_field_stride": "i32", "eps": "fp32",
-                    "scale_is_var": "i32"}),
+                    "n_splits": "i32", "part_field_stride": "i32", "eps_hi": "fp32",
+                    "eps_lo": "fp32", "scale_is_var": "i32"}),
                 "bwd_dx": (k.bn_bwd_dx_kernel, {
                     "x_ptr": x, "dy_ptr": x, "dx_ptr": x, "mean_ptr": acc, "scale_ptr": acc,
-                    "weight_ptr": acc, "sums_ptr": acc, "count_ptr": acc, "count": "fp32",
+                    "weight_ptr": acc, "sums_ptr": acc, "count_ptr": acc, "count": "i32",
                     "C": "i32", "S": "i32", **strides, "tiles_per_n": "i32", "n_tiles": "i32",
-                    "eps": "fp32",
+                    "eps_hi": "fp32", "eps_lo": "fp32",
                     "scale_is_var": "i32", "has_weight": "i32", "training": "i32",
                     "count_from_ptr": "i32"}),
             }
@@ -426,7 +430,8 @@ def static_configs():
                 "field_stride": "i32", "shift_ptr": acc, "has_shift": "i32",
                 "out0_ptr": acc, "out1_ptr": acc, "out2_ptr": acc,
                 "running_mean_ptr": acc, "running_var_ptr": acc, "nbt_ptr": "*i64",
-                "momentum": "fp32", "eps": "fp32", "final": "i32", "update_running": "i32",
+                "momentum_hi": "fp32", "momentum_lo": "fp32", "eps_hi": "fp32",
+                "eps_lo": "fp32", "final": "i32", "update_running": "i32",
                 "cumulative": "i32", "write_count": "i32"}),
             "bwd_merge": (k.bn_bwd_merge_kernel, {
                 "part_ptr": acc, "n_parts": "i32", "C": "i32", "part_stride": "i32",

@@ -371,6 +371,75 @@ def test_static_compile_sm90():
 
 
 # ----------------------------------------------------------------------------- reviewer findings
+
+
+class _AsCompiled:
+    """A kernel whose Python float arguments arrive rounded to float32, as compiled Triton
+    passes them (it types every Python float argument fp32; the interpreter keeps float64).
+    Records each launch's arguments by name."""
+
+    def __init__(self, kernel, launches):
+        self.kernel, self.launches = kernel, launches
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches.append(dict(zip(self.kernel.arg_names, args, strict=False)))
+            args = [float(torch.tensor(a, dtype=torch.float32)) if isinstance(a, float) else a
+                    for a in args]
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+@pytest.fixture
+def compiled_scalars(monkeypatch):
+    """Every BatchNorm kernel sees its host floats as a CUDA launch would; yields the launch
+    log. The launcher looks the kernels up on the module at each call."""
+    launches = []
+    for name in dir(L.bn_kernels):
+        if name.endswith("_kernel"):
+            kernel = getattr(L.bn_kernels, name)
+            monkeypatch.setattr(L.bn_kernels, name, _AsCompiled(kernel, launches))
+    return launches
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_fp64_host_scalars_survive_fp32_arguments(compiled_scalars, training):
+    # float64 on CUDA: momentum and eps used to reach the kernels as fp32 (running stats off
+    # by 2.5e-9, y by 1e-8 for a small variance, over the 1e-10 float64 tolerance). Small
+    # variance (std 1e-3) makes eps = 1e-5 matter to y and dx; momentum 0.1 is not an fp32
+    # value.
+    shape = (4, 3, 9, 7)
+    x = (1e-3 * torch.randn(shape, device=DEVICE, dtype=torch.float64)).requires_grad_()
+    w = torch.randn(3, device=DEVICE, dtype=torch.float64).requires_grad_()
+    b = torch.randn(3, device=DEVICE, dtype=torch.float64).requires_grad_()
+    rm = 1e-3 * torch.randn(3, device=DEVICE, dtype=torch.float64)
+    rv = 1e-6 * (torch.rand(3, device=DEVICE, dtype=torch.float64) + 0.5)
+    dy = torch.randn(shape, device=DEVICE, dtype=torch.float64)
+    ref = _reference(x, w, b, rm, rv, training, 0.1, 1e-5, dy)
+    y = fg.batch_norm(x, rm, rv, w, b, training=training, momentum=0.1, eps=1e-5)
+    y.backward(dy)
+    for name, out in (("y", y), ("dx", x.grad), ("dw", w.grad), ("db", b.grad), ("rm", rm),
+                      ("rv", rv)):
+        assert_close(out, ref[name], torch.float64, name)
+    # What the launcher passed: each host float as an fp32 pair hi + lo that reproduces the
+    # float64 value, and the element count m as an exact integer.
+    pairs = 0
+    for args in compiled_scalars:
+        for name in ("eps", "momentum"):
+            if f"{name}_hi" not in args:
+                continue
+            hi, lo = args[f"{name}_hi"], args[f"{name}_lo"]
+            for part in (hi, lo):
+                assert float(torch.tensor(part, dtype=torch.float32)) == part
+            expected = {"eps": 1e-5, "momentum": 0.1}[name]
+            if hi != 0.0:
+                assert abs(hi + lo - expected) <= 1e-15 * expected, (name, hi, lo)
+                pairs += 1
+        if "count" in args:
+            assert isinstance(args["count"], int) and args["count"] == 4 * 9 * 7
+    assert pairs >= (3 if training else 2)
+
+
 @triton.jit
 def _tile_probe(offs_ptr, n_valid_ptr, t, tiles_per_n, S, stride_s, BLOCK_S: tl.constexpr):
     # One channel at offset 0 (c_off = 0): the offsets and the valid count of tile t.
