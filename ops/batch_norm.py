@@ -157,7 +157,12 @@ def _train_setup_context(ctx, inputs, output):
 
 def _eval_setup_context(ctx, inputs, output):
     x, weight, bias, running_mean, running_var, eps = inputs
-    ctx.save_for_backward(x, weight, running_mean, running_var)
+    # Copies (C values each) of the statistics in force now: a later training forward updates
+    # the live buffers in place, and the backward must neither see the new values nor fail
+    # autograd's saved-tensor version check (torch's eval backward does neither).
+    acc = L.acc_dtype(x.dtype)
+    ctx.save_for_backward(x, weight, running_mean.detach().to(acc, copy=True),
+                          running_var.detach().to(acc, copy=True))
     ctx.has_bias = bias is not None
     ctx.bias_dtype = bias.dtype if bias is not None else None
     ctx.eps = eps

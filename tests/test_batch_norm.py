@@ -469,6 +469,26 @@ def test_tile_offsets_past_2_31(tile, stride_s):
     assert torch.equal(offs.cpu()[0], expected)
 
 
+def test_eval_backward_after_running_stats_update():
+    # An eval forward, then a training forward updating the same buffers in place, then the
+    # eval graph's backward: works (as torch's) and uses the statistics of the eval forward.
+    shape = (4, 3, 5)
+    x = (torch.randn(shape, device=DEVICE) * 2 + 1).requires_grad_()
+    w = torch.randn(3, device=DEVICE).requires_grad_()
+    b = torch.randn(3, device=DEVICE).requires_grad_()
+    rm, rv = torch.randn(3, device=DEVICE), torch.rand(3, device=DEVICE) + 0.5
+    rm0, rv0 = rm.clone(), rv.clone()
+    dy = torch.randn(shape, device=DEVICE)
+    y = fg.batch_norm(x, rm, rv, w, b, training=False)
+    fg.batch_norm(torch.randn(shape, device=DEVICE) * 3 - 2, rm, rv, training=True, momentum=0.5)
+    assert not torch.equal(rm, rm0) and not torch.equal(rv, rv0)
+    y.backward(dy)
+    ref = _reference(x, w, b, rm0, rv0, False, 0.1, 1e-5, dy)
+    assert_close(x.grad, ref["dx"], torch.float32, "dx")
+    assert_close(w.grad, ref["dw"], torch.float32, "dweight")
+    assert_close(b.grad, ref["db"], torch.float32, "dbias")
+
+
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_dx_kernel_large_mean(layout):
     # x = 1000 + 0.01 * randn: the dx kernel, given fp32 statistics, must evaluate its formula
