@@ -243,6 +243,22 @@ def _batch_norm_backward(
     return dx, dweight, dbias
 
 
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError(
+        "fusedgrad.batch_norm: double backward (differentiating BatchNorm's gradient, e.g. "
+        "torch.autograd.grad(..., create_graph=True) then backward through the result) is "
+        "not supported; use torch.nn.functional.batch_norm / torch.nn.BatchNorm*d for "
+        "higher-order gradients")
+
+
+def _backward_setup_context(ctx, inputs, output):
+    pass
+
+
+_batch_norm_backward.register_autograd(_no_double_backward,
+                                       setup_context=_backward_setup_context)
+
+
 def plan_count(x: torch.Tensor) -> int:
     """Values per channel (N * prod(spatial))."""
     return x.numel() // x.shape[1] if x.shape[1] else 0

@@ -32,6 +32,26 @@ def _all_gather_stats(local: torch.Tensor, group, world_size: int) -> torch.Tens
     return out
 
 
+_DOUBLE_BACKWARD_ERROR = (
+    "fusedgrad.SyncBatchNorm: double backward (differentiating SyncBatchNorm's gradient, e.g. "
+    "torch.autograd.grad(..., create_graph=True) then backward through the result) is not "
+    "supported; use torch.nn.SyncBatchNorm for higher-order gradients")
+
+
+class _NoDoubleBackward(torch.autograd.Function):
+    """Passes the first ``n_grads`` tensors through unchanged, attached to the rest (what they
+    depend on): differentiating them raises a clear error instead of silently dropping the
+    second-order terms (the kernels' outputs are not connected to the graph otherwise)."""
+
+    @staticmethod
+    def forward(ctx, n_grads, *tensors):
+        return tuple(tensors[:n_grads])
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(_DOUBLE_BACKWARD_ERROR)
+
+
 class _SyncBatchNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, num_batches_tracked,
@@ -90,6 +110,12 @@ class _SyncBatchNormFunction(torch.autograd.Function):
                           True, ctx.eps)
         dw = grad_weight.to(weight.dtype) if (need[1] and weight is not None) else None
         db = grad_bias.to(ctx.bias_dtype) if need[2] else None
+        if torch.is_grad_enabled():  # create_graph=True: a double backward must fail loudly
+            grads = [g for g in (dx, dw, db) if g is not None]
+            deps = [t for t in (x, weight, grad_y) if t is not None and t.requires_grad]
+            if grads and deps:
+                wrapped = iter(_NoDoubleBackward.apply(len(grads), *grads, *deps))
+                dx, dw, db = (next(wrapped) if g is not None else None for g in (dx, dw, db))
         return (dx, dw, db) + (None,) * 8
 
 

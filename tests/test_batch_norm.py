@@ -538,3 +538,15 @@ def test_large_mean_end_to_end(layout):
     fg.batch_norm(x, None, None, w, None, training=True).backward(dy)
     assert_close(x.grad, ref["dx"], torch.float32, "dx")
     assert_close(w.grad, ref["dw"], torch.float32, "dweight")
+
+
+def test_double_backward_raises_clearly():
+    x = torch.randn(4, 3, 5, device=DEVICE, requires_grad=True)
+    w = torch.randn(3, device=DEVICE, requires_grad=True)
+    for training in (True, False):
+        rm, rv = torch.zeros(3, device=DEVICE), torch.ones(3, device=DEVICE)
+        y = fg.batch_norm(x, rm, rv, w, None, training=training)
+        # create_graph=True alone is fine; differentiating the gradient is not.
+        (gx,) = torch.autograd.grad((y ** 3).sum(), x, create_graph=True)
+        with pytest.raises(RuntimeError, match="double backward .* not supported"):
+            gx.sum().backward()

@@ -183,3 +183,23 @@ def _failing_worker(rank, world_size):
 def test_run_workers_propagates_child_errors():
     with pytest.raises(RuntimeError, match="expected failure on rank 1"):
         run_workers(2, _failing_worker)
+
+
+def _double_backward_worker(rank, world_size):
+    bn = SyncBatchNorm(C)
+    x = torch.randn(3, C, 4, requires_grad=True)
+    y = bn(x)
+    # create_graph=True itself works; differentiating the gradient must fail loudly, not
+    # silently drop SyncBatchNorm's second-order terms.
+    (gx,) = torch.autograd.grad((y ** 3).sum(), x, create_graph=True)
+    try:
+        (gx * gx).sum().backward()
+    except RuntimeError as e:
+        return gx.requires_grad, str(e)
+    return gx.requires_grad, None
+
+
+def test_double_backward_raises_clearly():
+    for connected, message in run_workers(2, _double_backward_worker):
+        assert connected and message is not None
+        assert "SyncBatchNorm: double backward" in message and "not supported" in message
