@@ -540,6 +540,22 @@ def test_large_mean_end_to_end(layout):
     assert_close(w.grad, ref["dw"], torch.float32, "dweight")
 
 
+@pytest.mark.parametrize("shape,layout", [
+    ((100, 3, 8, 8), "contiguous"),   # spatial-inner, one 32x64 tile per sample: 100 splits
+    ((40000, 3), "contiguous"),       # (N, C) folded to one channel-inner row: 79 splits
+])
+def test_merge_over_many_chunks(monkeypatch, shape, layout):
+    # Under the interpreter the split count targets PROGRAMS_PER_SM * INTERPRETER_SMS programs
+    # (8): the merges never loop past their first MERGE_BLOCK_P parts. A bigger pretend GPU
+    # makes both merges (statistics and backward sums) run over several chunks, the last
+    # one partly filled.
+    monkeypatch.setattr(L, "INTERPRETER_SMS", 40)
+    x = torch.empty(shape, device=DEVICE)
+    splits, _ = L.num_splits(L.make_plan(x), L.target_programs(x.device))
+    assert splits > 2 * L.MERGE_BLOCK_P and splits % L.MERGE_BLOCK_P != 0, splits
+    _run_and_compare(shape, layout, torch.float32, training=True)
+
+
 def test_double_backward_raises_clearly():
     x = torch.randn(4, 3, 5, device=DEVICE, requires_grad=True)
     w = torch.randn(3, device=DEVICE, requires_grad=True)
