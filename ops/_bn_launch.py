@@ -19,8 +19,7 @@ import math
 import torch
 
 from . import _alloc
-from ._ce_launch import split_f64
-from ._runtime import device_guard
+from ._runtime import acc_dtype, device_guard, split_f64
 from .kernels import batch_norm as bn_kernels
 
 # Elements per tile: 2048 elements = 16 per thread at 4 warps (fp32: four 16-byte loads per
@@ -48,11 +47,6 @@ PROGRAMS_PER_SM = 4
 INTERPRETER_SMS = 2
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Accumulation / statistics dtype for an input dtype."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 @dataclasses.dataclass(frozen=True)

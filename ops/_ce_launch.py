@@ -12,6 +12,7 @@ import math
 import torch
 import triton
 
+from ._runtime import split_f64
 from .kernels import cross_entropy as ce_kernels
 from .static_check import KernelConfig
 
@@ -81,13 +82,6 @@ def needs_large_offsets(*tensors: torch.Tensor) -> bool:
         if span >= _INT32_LIMIT:
             return True
     return False
-
-
-def split_f64(value: float) -> tuple[float, float]:
-    """value = hi + lo with hi, lo fp32: ~48 exact bits for fp64 math in the kernel."""
-    hi = float(torch.tensor(value, dtype=torch.float32))
-    lo = float(torch.tensor(value - hi, dtype=torch.float32))
-    return hi, lo
 
 
 def rows_view(t: torch.Tensor, class_dim: bool) -> torch.Tensor:

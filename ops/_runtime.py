@@ -1,4 +1,5 @@
-"""Where kernels may run, and the errors users see when they cannot.
+"""Shared by every op family: where kernels may run (and the errors users see when
+they cannot), the accumulation dtype, and how host floats reach fp64 kernels.
 
 Triton compiles kernels for CUDA devices. Without a GPU, Triton's interpreter
 (``TRITON_INTERPRET=1``, set before ``triton`` is imported) runs the same
@@ -52,3 +53,19 @@ def device_guard(tensor: torch.Tensor):
     import contextlib
 
     return contextlib.nullcontext()
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation / statistics dtype of every kernel for an input dtype."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def split_f64(value: float) -> tuple[float, float]:
+    """value = hi + lo with hi, lo fp32: ~48 exact bits for fp64 math in a kernel.
+
+    Compiled Triton passes Python floats as fp32, so kernels that compute in fp64
+    take host scalars as such a pair and add the halves in fp64.
+    """
+    hi = float(torch.tensor(value, dtype=torch.float32))
+    lo = float(torch.tensor(value - hi, dtype=torch.float32))
+    return hi, lo

@@ -24,17 +24,13 @@ import torch.distributed as dist
 
 from . import _alloc
 from . import _ce_launch as launch
-from ._runtime import device_guard
-
-
-def _acc(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from ._runtime import acc_dtype, device_guard
 
 
 def _forward(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
              grad, group):
     prob = target.is_floating_point()
-    acc = _acc(input.dtype)
+    acc = acc_dtype(input.dtype)
     device = input.device
     logits3 = launch.rows_view(input, class_dim=True)
     n_outer, n_inner, n_local = logits3.shape

@@ -23,11 +23,7 @@ from torch import Tensor
 from . import _alloc
 from . import _ce_launch as launch
 from ._ce_validate import validate
-from ._runtime import device_guard
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from ._runtime import acc_dtype, device_guard
 
 
 def _loss_shape(input: Tensor, prob_target: bool, target: Tensor) -> list[int]:
@@ -58,7 +54,7 @@ def _forward_into(input: Tensor, target: Tensor, weight: Tensor | None, grad: Te
     """Run the fused kernel; returns the reduced (or per-row) loss in input's dtype."""
     prob_target = target.is_floating_point()
     n_classes = input.shape[1] if input.dim() > 1 else input.shape[0]
-    acc = _acc_dtype(input.dtype)
+    acc = acc_dtype(input.dtype)
     device = input.device
     logits3 = launch.rows_view(input, class_dim=True)
     target_v = launch.rows_view(target, class_dim=prob_target)
