@@ -6,6 +6,8 @@
     python -m bench --list --quick       # what would run (no GPU needed)
     python -m bench static [--arch 90 80]
     python -m bench smoke
+    python -m bench host                 # launches, device ops, host us per call vs torch
+    python -m bench plan --op ce --dtype bf16 --shape 8192x128256
 
 Triton's interpreter must be chosen before ``triton`` is first imported, so this module
 imports neither triton nor fusedgrad at module level; each command decides first.
@@ -24,7 +26,8 @@ REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO / "bench" / "results"
 OP_ALIASES = {"ce": "cross_entropy", "cross_entropy": "cross_entropy", "cross-entropy":
               "cross_entropy", "bn": "batch_norm", "batch_norm": "batch_norm", "batchnorm":
-              "batch_norm", "e2e": "e2e", "step": "e2e"}
+              "batch_norm", "e2e": "e2e", "step": "e2e", "lce": "linear_cross_entropy",
+              "linear_cross_entropy": "linear_cross_entropy"}
 LAYOUT_ALIASES = {"cl": "channels_last", "channels_last": "channels_last", "nhwc":
                   "channels_last", "contig": "contiguous", "contiguous": "contiguous",
                   "nchw": "contiguous"}
@@ -44,9 +47,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         description="fusedgrad benchmarks vs PyTorch eager, torch.compile and Liger-Kernel; "
                     "without CUDA: a correctness smoke through Triton's interpreter and the "
                     "offline kernel report.")
-    p.add_argument("command", nargs="?", default="run", choices=("run", "static", "smoke"),
+    p.add_argument("command", nargs="?", default="run",
+                   choices=("run", "static", "smoke", "host", "plan"),
                    help="run (default): benchmarks on CUDA, else smoke + static; static: "
-                        "offline compile report; smoke: tiny correctness check")
+                        "offline compile report; smoke: tiny correctness check; host: "
+                        "launches, device ops and host us per call vs torch (no GPU needed); "
+                        "plan: the launcher's path, kernels, grids and bytes for a case")
     sel = p.add_argument_group("selection (run)")
     sel.add_argument("--quick", action="store_true", help="short selection (< 3 min on an H100)")
     sel.add_argument("--op", nargs="+", metavar="OP",
@@ -69,6 +75,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     cpu = p.add_argument_group("without CUDA (run)")
     cpu.add_argument("--no-static", action="store_true", help="skip the static report")
     cpu.add_argument("--no-smoke", action="store_true", help="skip the interpreter smoke")
+    ho = p.add_argument_group("host")
+    ho.add_argument("--reps", type=int, default=50, help="timed calls per case (default 50)")
+    ho.add_argument("--verbose", action="store_true", help="list the other device ops")
     st = p.add_argument_group("static")
     st.add_argument("--arch", nargs="+", type=int, default=None, help="sm targets (default 90 80)")
     st.add_argument("--workers", type=int, default=2, help="parallel compilations (default 2)")
@@ -238,6 +247,14 @@ def main(argv=None) -> int:
     import torch  # does not import triton
 
     has_cuda = torch.cuda.is_available()
+    if args.command == "plan":
+        from . import plan
+
+        return plan.main(args)
+    if args.command == "host":
+        from . import host
+
+        return host.main(args)
     if args.command == "smoke":
         if not has_cuda:
             os.environ["TRITON_INTERPRET"] = "1"

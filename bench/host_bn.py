@@ -1,0 +1,60 @@
+"""Host-cost cases for BatchNorm (``python -m bench host``): tiny CPU inputs, so the
+time is the host path around the kernels (see bench/host.py)."""
+
+from __future__ import annotations
+
+from .host import HostCase
+
+SHAPE = (4, 8, 3, 3)
+
+
+def _make():
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    c = SHAPE[1]
+    return {"x": torch.randn(*SHAPE, generator=g).requires_grad_(),
+            "running_mean": torch.zeros(c), "running_var": torch.ones(c),
+            "weight": torch.randn(c, generator=g).requires_grad_(),
+            "bias": torch.randn(c, generator=g).requires_grad_()}
+
+
+def _call(fn, inp, training):
+    return fn(inp["x"], inp["running_mean"], inp["running_var"], inp["weight"], inp["bias"],
+              training=training, momentum=0.1, eps=1e-5)
+
+
+def _fused_train(inp):
+    import fusedgrad as fg
+
+    _call(fg.batch_norm, inp, True).sum().backward()
+
+
+def _torch_train(inp):
+    import torch.nn.functional as F
+
+    _call(F.batch_norm, inp, True).sum().backward()
+
+
+def _fused_eval(inp):
+    import torch
+
+    import fusedgrad as fg
+
+    with torch.no_grad():
+        _call(fg.batch_norm, inp, False)
+
+
+def _torch_eval(inp):
+    import torch
+    import torch.nn.functional as F
+
+    with torch.no_grad():
+        _call(F.batch_norm, inp, False)
+
+
+_S = "x".join(map(str, SHAPE))
+CASES = [
+    HostCase(f"bn train fwd+bwd {_S}", _make, _fused_train, _torch_train),
+    HostCase(f"bn eval fwd {_S}", _make, _fused_eval, _torch_eval),
+]
