@@ -86,3 +86,38 @@ def validate(input, target, weight, ignore_index, reduction, label_smoothing, z_
         raise ValueError(_err(f"`softcap` must be None or a finite float > 0, got {softcap!r}"))
     if not isinstance(inplace_backward, bool):
         raise TypeError(_err("`inplace_backward` must be a bool"))
+
+
+def split_divisor(divisor, reduction, device, op="fusedgrad.cross_entropy"):
+    """Check ``divisor=`` and return (device tensor or None, host float or None).
+
+    A Python number stays a host float (no launch, no copy); a tensor must be 0-dim,
+    real, not requiring grad, and is moved to ``device`` (never read on the host).
+    """
+    if divisor is None:
+        return None, None
+    if reduction != "sum":
+        raise ValueError(f"{op}: `divisor` requires reduction='sum' (the loss is "
+                         f"sum / divisor), got reduction={reduction!r}")
+    if isinstance(divisor, torch.Tensor):
+        if divisor.dim() != 0:
+            raise ValueError(f"{op}: `divisor` must be a 0-dim tensor or a number, got shape "
+                             f"{tuple(divisor.shape)}")
+        if divisor.dtype == torch.bool or divisor.is_complex():
+            raise TypeError(f"{op}: `divisor` must be an integer or floating tensor, got "
+                            f"{divisor.dtype}")
+        if divisor.requires_grad and torch.is_grad_enabled():
+            raise ValueError(f"{op}: gradients with respect to `divisor` are not supported; "
+                             "pass divisor.detach()")
+        if divisor.device != device:
+            if divisor.device.type != "cpu":
+                raise ValueError(f"{op}: `divisor` is on {divisor.device} but `input` is on "
+                                 f"{device}")
+            divisor = divisor.to(device)
+        return divisor, None
+    if isinstance(divisor, bool) or not isinstance(divisor, numbers.Real):
+        raise TypeError(f"{op}: `divisor` must be None, a number or a 0-dim tensor, got "
+                        f"{type(divisor).__name__}")
+    if not math.isfinite(divisor) or divisor == 0:
+        raise ValueError(f"{op}: `divisor` must be a finite nonzero number, got {divisor!r}")
+    return None, float(divisor)

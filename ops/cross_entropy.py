@@ -22,7 +22,7 @@ from torch import Tensor
 
 from . import _alloc
 from . import _ce_launch as launch
-from ._ce_validate import validate
+from ._ce_validate import split_divisor, validate
 from ._runtime import acc_dtype, device_guard
 
 
@@ -48,10 +48,24 @@ def _check_targets_in_range(target: Tensor, n_classes: int, ignore_index: int) -
         )
 
 
+def _sum_divisor(divisor: Tensor | None, divisor_value: float | None,
+                 acc: torch.dtype) -> Tensor | float | None:
+    """The reduction="sum" divisor in the accumulation dtype (a device tensor or a float)."""
+    if divisor is not None:
+        return divisor.to(acc)
+    return divisor_value
+
+
 def _forward_into(input: Tensor, target: Tensor, weight: Tensor | None, grad: Tensor | None,
                   ignore_index: int, reduction: str, label_smoothing: float, z_loss: float,
-                  softcap: float | None) -> Tensor:
-    """Run the fused kernel; returns the reduced (or per-row) loss in input's dtype."""
+                  softcap: float | None, divisor: Tensor | None = None,
+                  divisor_value: float | None = None) -> Tensor:
+    """Run the fused kernel; returns the reduced (or per-row) loss in input's dtype.
+
+    ``divisor`` (0-dim tensor on input's device) or ``divisor_value`` (host float), only
+    with reduction="sum": the loss is sum / divisor and the gradient is written already
+    divided by it, read on the device (never on the host).
+    """
     prob_target = target.is_floating_point()
     n_classes = input.shape[1] if input.dim() > 1 else input.shape[0]
     acc = acc_dtype(input.dtype)
@@ -71,6 +85,9 @@ def _forward_into(input: Tensor, target: Tensor, weight: Tensor | None, grad: Te
         reduce_buf[1] = w.sum()
     else:
         reduce_buf[1] = float(n_classes)
+    sum_divisor = _sum_divisor(divisor, divisor_value, acc)
+    if sum_divisor is not None:
+        reduce_buf[0] = 1.0 / sum_divisor
     divisor = None
     if reduction == "mean":
         if prob_target:
@@ -97,6 +114,8 @@ def _forward_into(input: Tensor, target: Tensor, weight: Tensor | None, grad: Te
         return loss_rows.view(_loss_shape(input, prob_target, target)).to(input.dtype)
     total = loss_rows.sum()
     if reduction == "sum":
+        if sum_divisor is not None:
+            total = total / sum_divisor
         return total.to(input.dtype)
     if prob_target:
         return (total / n_rows).to(input.dtype)
@@ -108,17 +127,18 @@ def _forward_into(input: Tensor, target: Tensor, weight: Tensor | None, grad: Te
 @torch.library.custom_op("fusedgrad::cross_entropy_fwd", mutates_args=())
 def cross_entropy_fwd(input: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int,
                       reduction: str, label_smoothing: float, z_loss: float,
-                      softcap: float | None, compute_grad: bool) -> tuple[Tensor, Tensor]:
+                      softcap: float | None, compute_grad: bool, divisor: Tensor | None = None,
+                      divisor_value: float | None = None) -> tuple[Tensor, Tensor]:
     """Returns (loss, grad); grad is dL/dinput for grad_output = 1, or empty when not asked."""
     grad = _alloc.empty_like(input) if compute_grad else input.new_empty(0)
     loss = _forward_into(input, target, weight, grad if compute_grad else None, ignore_index,
-                         reduction, label_smoothing, z_loss, softcap)
+                         reduction, label_smoothing, z_loss, softcap, divisor, divisor_value)
     return loss, grad
 
 
 @cross_entropy_fwd.register_fake
 def _(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
-      compute_grad):
+      compute_grad, divisor=None, divisor_value=None):
     prob_target = target.is_floating_point()
     shape = _loss_shape(input, prob_target, target) if reduction == "none" else []
     loss = input.new_empty(shape)
@@ -129,14 +149,17 @@ def _(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, s
 @torch.library.custom_op("fusedgrad::cross_entropy_fwd_inplace", mutates_args=("input",))
 def cross_entropy_fwd_inplace(input: Tensor, target: Tensor, weight: Tensor | None,
                               ignore_index: int, reduction: str, label_smoothing: float,
-                              z_loss: float, softcap: float | None) -> Tensor:
+                              z_loss: float, softcap: float | None,
+                              divisor: Tensor | None = None,
+                              divisor_value: float | None = None) -> Tensor:
     """Returns the loss; overwrites ``input`` with dL/dinput for grad_output = 1."""
     return _forward_into(input, target, weight, input, ignore_index, reduction,
-                         label_smoothing, z_loss, softcap)
+                         label_smoothing, z_loss, softcap, divisor, divisor_value)
 
 
 @cross_entropy_fwd_inplace.register_fake
-def _(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap):
+def _(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
+      divisor=None, divisor_value=None):
     prob_target = target.is_floating_point()
     shape = _loss_shape(input, prob_target, target) if reduction == "none" else []
     return input.new_empty(shape)
@@ -204,10 +227,13 @@ def _setup_context(ctx, inputs, output):
     ctx.applied_grad_output = None
 
 
+_N_FWD_ARGS = 11  # cross_entropy_fwd's inputs: one gradient (or None) each
+
+
 def _backward(ctx, grad_loss, _grad_grad):
     if grad_loss is None:
-        return (None,) * 9
-    return (_scaled_grad(ctx, grad_loss),) + (None,) * 8
+        return (None,) * _N_FWD_ARGS
+    return (_scaled_grad(ctx, grad_loss),) + (None,) * (_N_FWD_ARGS - 1)
 
 
 cross_entropy_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -218,13 +244,14 @@ class _InplaceCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, input, target, weight, ignore_index, reduction, label_smoothing, z_loss,
-                softcap):
+                softcap, divisor, divisor_value):
         # The op declares its mutation of `input` (mutates_args): that bumps the version
         # counter `input` shares with its base and views, so any node that saved the old
         # logits refuses to run. No mark_dirty: it would forbid views of the logits
         # (e.g. logits.view(-1, V)), the common case.
         loss = torch.ops.fusedgrad.cross_entropy_fwd_inplace(
-            input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap)
+            input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
+            divisor, divisor_value)
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(input)
         ctx.applied_grad_output = None
@@ -233,8 +260,8 @@ class _InplaceCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         if grad_loss is None:
-            return (None,) * 8
-        return (_scaled_grad(ctx, grad_loss),) + (None,) * 7
+            return (None,) * 10
+        return (_scaled_grad(ctx, grad_loss),) + (None,) * 9
 
 
 # ---------------------------------------------------------------- public API
@@ -243,7 +270,7 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None,
                   ignore_index: int = -100, reduction: str = "mean",
                   label_smoothing: float = 0.0, *, z_loss: float = 0.0,
                   softcap: float | None = None, inplace_backward: bool = False,
-                  process_group=None) -> Tensor:
+                  process_group=None, divisor: Tensor | float | None = None) -> Tensor:
     """Softmax cross-entropy, a drop-in for ``torch.nn.functional.cross_entropy``.
 
     Same arguments and results as torch (class-index or probability targets, class
@@ -263,12 +290,20 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None,
         class ids (or this slice's probabilities), ``weight`` this slice's class
         weights. Every rank gets the full-vocabulary loss and its slice's gradient;
         only O(rows) statistics cross ranks (two collectives per call).
+    divisor: with ``reduction="sum"`` only: the loss is ``sum / divisor``, where divisor is
+        a Python number or a 0-dim tensor (integer or floating; on ``input``'s device, or
+        a CPU scalar that is copied there). It is folded into the gradient the forward
+        kernel writes, so backward stays free; a tensor is never read on the host. This is
+        what Hugging Face's ``num_items_in_batch`` needs (``sum / num_items``). With
+        "mean" or "none" it is a ValueError: a mean already has its divisor, and
+        per-element losses have none.
 
     The gradient is computed in the forward kernel whenever ``input`` requires grad;
     backward rescales it by grad_output (free when grad_output is 1).
     """
     validate(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
              inplace_backward)
+    divisor, divisor_value = split_divisor(divisor, reduction, input.device)
     softcap = float(softcap) if softcap is not None else None
     label_smoothing = float(label_smoothing)
     z_loss = float(z_loss)
@@ -294,18 +329,24 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None,
     if process_group is not None:
         from ._vocab_parallel import vocab_parallel_cross_entropy
 
-        return vocab_parallel_cross_entropy(input, target, weight, ignore_index, reduction,
+        loss = vocab_parallel_cross_entropy(input, target, weight, ignore_index, reduction,
                                             label_smoothing, z_loss, softcap, inplace_backward,
                                             process_group)
+        if divisor is not None or divisor_value is not None:
+            # The vocab-parallel backward rescales its gradient by grad_output anyway; the
+            # divisor reaches it that way (one pass over this rank's slice).
+            loss = loss / (divisor if divisor is not None else divisor_value)
+        return loss
     # Under torch.compile the functional op is used even with inplace_backward: Dynamo
     # cannot trace an autograd.Function that marks its input dirty, and the compiler
     # plans (and reuses) buffers itself. Eager mode honours the flag.
     if inplace_backward and needs_grad and not torch.compiler.is_compiling():
         return _InplaceCrossEntropy.apply(input, target, weight, ignore_index, reduction,
-                                          label_smoothing, z_loss, softcap)
+                                          label_smoothing, z_loss, softcap, divisor,
+                                          divisor_value)
     loss, _ = torch.ops.fusedgrad.cross_entropy_fwd(
         input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
-        needs_grad)
+        needs_grad, divisor, divisor_value)
     return loss
 
 
