@@ -276,10 +276,69 @@ def _(grad_y, x, weight, mean, scale, scale_is_var, training, eps, need_input_gr
 
 # ----------------------------------------------------------------------------- public API
 
+# Activations applied after the normalisation (and the residual add), by name.
+# "identity" (and None) apply nothing. leaky_relu's negative slope is `activation_param`
+# (default 0.01, as torch.nn.LeakyReLU); no other activation takes a parameter.
+ACTIVATIONS = ("identity", "relu", "silu", "gelu", "gelu_tanh", "leaky_relu", "hardswish")
+# The activations computed inside the kernels (normalise pass and backward).
+FUSED_ACTIVATIONS = frozenset(ACTIVATIONS)
+LEAKY_RELU_DEFAULT_SLOPE = 0.01
+
+
+def _check_fused_args(input, activation, activation_param, residual):
+    """(activation name, parameter) after validating the fused-epilogue arguments."""
+    if activation is None:
+        activation = "identity"
+    if not isinstance(activation, str) or activation not in ACTIVATIONS:
+        raise ValueError(f"fusedgrad.batch_norm: `activation` must be None or one of "
+                         f"{', '.join(repr(a) for a in ACTIVATIONS)}, got {activation!r}")
+    if activation_param is not None:
+        if activation != "leaky_relu":
+            raise ValueError("fusedgrad.batch_norm: `activation_param` is leaky_relu's "
+                             f"negative slope; activation {activation!r} takes none")
+        if isinstance(activation_param, bool) or not isinstance(activation_param,
+                                                                (int, float)):
+            raise TypeError(f"fusedgrad.batch_norm: `activation_param` must be a float, got "
+                            f"{type(activation_param)}")
+    param = 0.0
+    if activation == "leaky_relu":
+        param = LEAKY_RELU_DEFAULT_SLOPE if activation_param is None else float(activation_param)
+    if residual is not None:
+        if not isinstance(residual, torch.Tensor):
+            raise TypeError(f"fusedgrad.batch_norm: `residual` must be a Tensor or None, got "
+                            f"{type(residual)}")
+        if residual.shape != input.shape:
+            raise ValueError(f"fusedgrad.batch_norm: `residual` must have the input's shape "
+                             f"{tuple(input.shape)}, got {tuple(residual.shape)}")
+        if residual.dtype != input.dtype:
+            raise TypeError(f"fusedgrad.batch_norm: `residual` must have the input's dtype "
+                            f"{input.dtype}, got {residual.dtype}")
+        check_same_device("input", input, "residual", residual)
+    return activation, param
+
+
+def _torch_activation(z, activation, param):
+    F = torch.nn.functional
+    if activation == "relu":
+        return F.relu(z)
+    if activation == "silu":
+        return F.silu(z)
+    if activation == "gelu":
+        return F.gelu(z)
+    if activation == "gelu_tanh":
+        return F.gelu(z, approximate="tanh")
+    if activation == "leaky_relu":
+        return F.leaky_relu(z, param)
+    if activation == "hardswish":
+        return F.hardswish(z)
+    return z
+
 
 def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False,
-               momentum=0.1, eps=1e-5):
-    """Drop-in for ``torch.nn.functional.batch_norm`` (same arguments and semantics).
+               momentum=0.1, eps=1e-5, *, activation=None, residual=None,
+               activation_param=None):
+    """Drop-in for ``torch.nn.functional.batch_norm`` (same arguments and semantics), with an
+    optional fused epilogue: ``act(batch_norm(input) + residual)``.
 
     input: (N, C), (N, C, L), (N, C, H, W) or (N, C, D, H, W), float32/16, bfloat16 or float64,
     any strides (contiguous and channels_last layouts are read in place; the output keeps the
@@ -287,16 +346,33 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     In training the batch statistics normalise and ``running_mean``/``running_var`` (if given)
     are updated in place: ``(1 - momentum) * running + momentum * batch`` with the unbiased
     variance. Nothing is read back to the host.
+    activation: None (or "identity"), "relu", "silu", "gelu" (erf), "gelu_tanh",
+        "leaky_relu" (negative slope ``activation_param``, default 0.01) or "hardswish";
+        all are in ``FUSED_ACTIVATIONS``.
+    residual: None or a tensor of the input's shape and dtype, added before the activation
+        (the ResNet ``relu(bn(x) + shortcut)``); it receives a gradient like any input.
     """
-    return _batch_norm_impl(input, running_mean, running_var, weight, bias, training,
-                            momentum, eps, None)
+    return batch_norm_tracked(input, running_mean, running_var, weight, bias, training,
+                              momentum, eps, None, activation=activation, residual=residual,
+                              activation_param=activation_param)
 
 
-def _batch_norm_impl(input, running_mean, running_var, weight, bias, training, momentum, eps,
-                     num_batches_tracked):
+def batch_norm_tracked(input, running_mean, running_var, weight, bias, training, momentum, eps,
+                       num_batches_tracked, *, activation=None, residual=None,
+                       activation_param=None):
     """batch_norm with an optional num_batches_tracked: momentum=None then means a cumulative
-    average with factor 1 / num_batches_tracked, read on the device (the module passes it)."""
+    average with factor 1 / num_batches_tracked, read on the device (the modules pass it)."""
     _check_inputs(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    activation, param = _check_fused_args(input, activation, activation_param, residual)
+    y = _batch_norm_plain(input, running_mean, running_var, weight, bias, training, momentum,
+                          eps, num_batches_tracked)
+    if residual is not None:
+        y = y + residual
+    return _torch_activation(y, activation, param)
+
+
+def _batch_norm_plain(input, running_mean, running_var, weight, bias, training, momentum, eps,
+                      num_batches_tracked):
     if momentum is None and training and running_mean is not None \
             and num_batches_tracked is None:
         raise TypeError("fusedgrad.batch_norm: `momentum` must be a float (momentum=None, the "
@@ -318,3 +394,16 @@ def _batch_norm_impl(input, running_mean, running_var, weight, bias, training, m
                                          float(eps))
         return _batch_norm_train(input, weight, bias, mean, invstd, float(eps))
     return _batch_norm_eval(input, weight, bias, running_mean, running_var, float(eps))
+
+
+def _batch_norm_impl(input, running_mean, running_var, weight, bias, training, momentum, eps,
+                     num_batches_tracked, **fused):
+    """Deprecated private name kept for the modules until they import batch_norm_tracked."""
+    return batch_norm_tracked(input, running_mean, running_var, weight, bias, training,
+                              momentum, eps, num_batches_tracked, **fused)
+
+
+# `fusedgrad.batch_norm` is this function (the package re-exports it over the module name),
+# so the set of fused activations is reachable from it as well.
+batch_norm.FUSED_ACTIVATIONS = FUSED_ACTIVATIONS
+batch_norm.ACTIVATIONS = ACTIVATIONS
