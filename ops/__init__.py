@@ -5,9 +5,11 @@
 """
 
 from .batch_norm import batch_norm
-from .batch_norm_modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, convert_batchnorm
+from .batch_norm_act import BatchNormAct2d, SyncBatchNormAct2d
+from .batch_norm_convert import ConversionReport, convert_batchnorm, convert_sync_batchnorm
+from .batch_norm_modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from .cross_entropy import CrossEntropyLoss, cross_entropy
-from .sync_batch_norm import SyncBatchNorm, convert_sync_batchnorm
+from .sync_batch_norm import SyncBatchNorm
 
 __version__ = "0.1.0"
 
@@ -15,8 +17,11 @@ __all__ = [
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
+    "BatchNormAct2d",
+    "ConversionReport",
     "CrossEntropyLoss",
     "SyncBatchNorm",
+    "SyncBatchNormAct2d",
     "batch_norm",
     "convert_batchnorm",
     "convert_sync_batchnorm",

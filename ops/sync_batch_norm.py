@@ -17,8 +17,8 @@ import torch.distributed as dist
 
 from . import _alloc
 from . import _bn_launch as L
-from .batch_norm import _as_acc, _batch_norm_impl, _check_inputs
-from .batch_norm_modules import adopt_state
+from .batch_norm import _as_acc, _check_inputs
+from .batch_norm_modules import module_batch_norm, module_state
 
 
 def _all_gather_stats(local: torch.Tensor, group, world_size: int) -> torch.Tensor:
@@ -141,41 +141,20 @@ class SyncBatchNorm(torch.nn.SyncBatchNorm):
     """Drop-in for torch.nn.SyncBatchNorm (same constructor, ``process_group``, state_dict),
     on fusedgrad's kernels; works with gloo on CPU (Triton interpreter) and NCCL on CUDA."""
 
+    def sync_group(self):
+        """The process group this forward synchronises over, or None: statistics are local
+        in eval, outside a distributed run and with a world size of 1."""
+        if not (self.training and dist.is_available() and dist.is_initialized()):
+            return None
+        group = self.process_group if self.process_group is not None else dist.group.WORLD
+        return group if dist.get_world_size(group) > 1 else None
+
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(input)
         self._check_non_zero_input_channels(input)
-        num_batches_tracked = None
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            if self.momentum is None:
-                num_batches_tracked = self.num_batches_tracked
-        bn_training = self.training or (self.running_mean is None and self.running_var is None)
-        use_buffers = not self.training or self.track_running_stats
-        running_mean = self.running_mean if use_buffers else None
-        running_var = self.running_var if use_buffers else None
-        need_sync = bn_training and self.training and dist.is_available() \
-            and dist.is_initialized()
-        if need_sync:
-            group = self.process_group if self.process_group is not None else dist.group.WORLD
-            need_sync = dist.get_world_size(group) > 1
-        if not need_sync:
-            return _batch_norm_impl(input, running_mean, running_var, self.weight, self.bias,
-                                    bn_training, self.momentum, self.eps, num_batches_tracked)
+        group = self.sync_group()
+        if group is None:
+            return module_batch_norm(self, input)
+        running_mean, running_var, _, num_batches_tracked = module_state(self)
         return sync_batch_norm(input, running_mean, running_var, self.weight, self.bias,
                                self.momentum, self.eps, group, num_batches_tracked)
-
-
-def convert_sync_batchnorm(module: torch.nn.Module, process_group=None) -> torch.nn.Module:
-    """Replace every BatchNorm*D (torch's or fusedgrad's; any ``_BatchNorm`` that is not
-    already a fusedgrad SyncBatchNorm) by fusedgrad.SyncBatchNorm, sharing parameters and
-    buffers, as torch.nn.SyncBatchNorm.convert_sync_batchnorm does. Returns the module."""
-    if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) \
-            and not isinstance(module, SyncBatchNorm):
-        new = SyncBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
-                            module.track_running_stats, process_group, device="meta")
-        return adopt_state(new, module)
-    for name, child in module.named_children():
-        converted = convert_sync_batchnorm(child, process_group)
-        if converted is not child:
-            module.add_module(name, converted)
-    return module

@@ -1,7 +1,5 @@
-"""fusedgrad.BatchNorm1d/2d/3d and convert_batchnorm vs torch's modules
+"""fusedgrad.BatchNorm1d/2d/3d vs torch's modules
 (mirrors ops/batch_norm_modules.py)."""
-
-import copy
 
 import pytest
 import torch
@@ -94,63 +92,6 @@ def test_state_dict_round_trips():
         assert torch.equal(a, b)
     for a, b in zip(again.state_dict().values(), ref.state_dict().values(), strict=True):
         assert torch.equal(a, b)
-
-
-def _small_net():
-    net = _small_net_layers()
-    with torch.no_grad():  # non-trivial affine parameters: no symmetric, near-zero gradients
-        for m in net.modules():
-            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.normal_()
-    return net
-
-
-def _small_net_layers():
-    # Convolutions without bias and a ReLU between consecutive norms: a bias (or scale) feeding
-    # straight into BatchNorm has an exactly-zero gradient, whose rounding noise no relative
-    # comparison can judge.
-    return torch.nn.Sequential(
-        torch.nn.Conv2d(3, 6, 3, padding=1, bias=False), torch.nn.BatchNorm2d(6),
-        torch.nn.ReLU(),
-        torch.nn.Conv2d(6, 5, 3, padding=1, bias=False), torch.nn.BatchNorm2d(5, momentum=None),
-        torch.nn.ReLU(), torch.nn.Flatten(2), torch.nn.BatchNorm1d(5), torch.nn.Flatten(),
-        torch.nn.Linear(5 * 36, 4),
-    ).to(DEVICE)
-
-
-def test_convert_batchnorm_conv_net():
-    net = _small_net()
-    ref = copy.deepcopy(net)
-    old_params = {id(p) for p in net.parameters()}
-    fused = fg.convert_batchnorm(net)
-    kinds = [type(m) for m in fused.modules()]
-    assert fg.BatchNorm2d in kinds and fg.BatchNorm1d in kinds
-    assert torch.nn.BatchNorm2d not in kinds  # exact torch type replaced everywhere
-    assert {id(p) for p in fused.parameters()} == old_params  # same Parameter objects
-    for step in range(3):
-        x = torch.randn(4, 3, 6, 6, device=DEVICE)
-        if step == 2:
-            fused.eval()
-            ref.eval()
-        lr, lf = ref(x).square().sum(), fused(x).square().sum()
-        lr.backward()
-        lf.backward()
-        assert_close(lf, lr, torch.float32, f"step {step} loss")
-        for (name, pr), pf in zip(ref.named_parameters(), fused.parameters(), strict=True):
-            assert_close(pf.grad, pr.grad, torch.float32, f"step {step} grad {name}")
-        for (name, br), bf in zip(ref.named_buffers(), fused.buffers(), strict=True):
-            if br.is_floating_point():
-                assert_close(bf, br, torch.float32, f"step {step} {name}")
-            else:
-                assert torch.equal(bf, br)
-
-
-def test_convert_batchnorm_root_and_training_flag():
-    bn = torch.nn.BatchNorm3d(3, affine=False, device=DEVICE).eval()
-    out = fg.convert_batchnorm(bn)
-    assert type(out) is fg.BatchNorm3d and not out.training and out.weight is None
-    assert out.running_mean is bn.running_mean
 
 
 def test_compile_module_momentum_none():
