@@ -7,10 +7,11 @@ keys, so timm checkpoints load both ways. Like timm's, the class subclasses
 ``torch.nn.BatchNorm2d`` (``SyncBatchNormAct2d``: ``torch.nn.SyncBatchNorm``).
 
 The activation runs inside the normalise kernel when ``fusedgrad.batch_norm`` fuses it (its
-``FUSED_ACTIVATIONS``) and nothing sits between the two (``drop`` is ``nn.Identity``); then
-``act`` is not called at all. Any other activation (or any dropout) runs as its own module after
-the kernel, exactly as in timm. The choice is made on every forward from the ``act`` and
-``drop`` modules present then, so replacing ``module.act`` later is safe.
+``FUSED_ACTIVATIONS``: ReLU, SiLU, GELU (erf and tanh), LeakyReLU (any slope), Hardswish) and
+nothing sits between the two (``drop`` is ``nn.Identity``); then ``act`` is not called at all.
+Any other activation (or any dropout) runs as its own module after the kernel, exactly as in
+timm. The choice is made on every forward from the ``act`` and ``drop`` modules present then,
+so replacing ``module.act`` later is safe.
 
 timm is not needed: activation names map to torch's modules here; when timm is already
 imported, names go through timm's own factory so the modules are the ones timm would build.
@@ -24,7 +25,7 @@ from functools import partial
 import torch
 from torch import nn
 
-from . import batch_norm as _bn_ops
+from .batch_norm import FUSED_ACTIVATIONS
 from .batch_norm_modules import module_batch_norm
 from .sync_batch_norm import SyncBatchNorm
 
@@ -44,11 +45,12 @@ _TIMM_FUSABLE = {"timm.layers.activations.GELU": "gelu",
                  "timm.layers.activations.GELUTanh": "gelu_tanh"}
 
 
-def fused_activation_name(act: nn.Module) -> str | None:
-    """The ``fusedgrad.batch_norm(activation=...)`` name computing exactly what ``act`` does,
-    or None. Exact types only: a subclass may override forward."""
+def fused_activation(act: nn.Module) -> tuple[str, float | None] | None:
+    """``(activation, activation_param)`` for ``fusedgrad.batch_norm`` computing exactly what
+    ``act`` does inside the kernel, or None. Exact types only: a subclass may override
+    forward."""
     kind = type(act)
-    name = None
+    param = None
     if kind is nn.ReLU:
         name = "relu"
     elif kind is nn.SiLU:
@@ -58,16 +60,10 @@ def fused_activation_name(act: nn.Module) -> str | None:
     elif kind is nn.GELU:
         name = {"none": "gelu", "tanh": "gelu_tanh"}.get(act.approximate)
     elif kind is nn.LeakyReLU:
-        # The fused op has torch's default slope only.
-        name = "leaky_relu" if act.negative_slope == 0.01 else None
+        name, param = "leaky_relu", float(act.negative_slope)
     else:
         name = _TIMM_FUSABLE.get(f"{kind.__module__}.{kind.__qualname__}")
-    return name if name in fused_activations() else None
-
-
-def fused_activations() -> frozenset:
-    """Names ``fusedgrad.batch_norm`` computes inside its kernel."""
-    return getattr(_bn_ops, "FUSED_ACTIVATIONS", frozenset())
+    return (name, param) if name in FUSED_ACTIVATIONS else None
 
 
 def _act_layer_class(act_layer):
@@ -108,10 +104,10 @@ class _NormActForward:
     """forward: batch norm with the activation fused when possible, else drop then act."""
 
     def _norm_act(self, input: torch.Tensor, norm) -> torch.Tensor:
-        act_name = fused_activation_name(self.act) if type(self.drop) is nn.Identity else None
-        if act_name is not None:
-            return norm(input, act_name)
-        return self.act(self.drop(norm(input, None)))
+        fused = fused_activation(self.act) if type(self.drop) is nn.Identity else None
+        if fused is not None:
+            return norm(input, *fused)
+        return self.act(self.drop(norm(input)))
 
 
 class BatchNormAct2d(_NormActForward, nn.BatchNorm2d):

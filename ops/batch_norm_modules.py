@@ -9,7 +9,7 @@ changes. The one difference inside forward: with ``momentum=None`` torch reads
 
 import torch
 
-from .batch_norm import _batch_norm_impl
+from .batch_norm import batch_norm_tracked
 
 
 def module_state(bn: torch.nn.Module):
@@ -29,14 +29,14 @@ def module_state(bn: torch.nn.Module):
             bn_training, num_batches_tracked)
 
 
-def module_batch_norm(bn: torch.nn.Module, input: torch.Tensor,
-                      activation: str | None = None) -> torch.Tensor:
+def module_batch_norm(bn: torch.nn.Module, input: torch.Tensor, activation: str | None = None,
+                      activation_param: float | None = None) -> torch.Tensor:
     """One BatchNorm module's forward (state as ``module_state``), with an optional activation
     the op fuses (a name in ``fusedgrad.batch_norm.FUSED_ACTIVATIONS``)."""
     running_mean, running_var, bn_training, num_batches_tracked = module_state(bn)
-    extra = {} if activation is None else {"activation": activation}
-    return _batch_norm_impl(input, running_mean, running_var, bn.weight, bn.bias, bn_training,
-                            bn.momentum, bn.eps, num_batches_tracked, **extra)
+    return batch_norm_tracked(input, running_mean, running_var, bn.weight, bn.bias, bn_training,
+                              bn.momentum, bn.eps, num_batches_tracked, activation=activation,
+                              activation_param=activation_param)
 
 
 class _FusedBatchNormForward:
