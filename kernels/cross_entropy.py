@@ -3,19 +3,28 @@
 Notation for one row (one sample, or one spatial position of a sample) of C
 logits z (after the optional soft-cap z <- c*tanh(z/c)):
 
-    lse = log sum_c exp(z_c),   p_c = exp(z_c - lse)
+    m = max_c z_c,   s = sum_c exp(z_c - m),   lse = m + log s,
+    p_c = exp((z_c - m) - log s)
+
+The shifted logits z - m and log s are kept apart, as torch does, never folded
+into lse first: for a confident row (the target leads by ~12 with logits ~30) the
+loss log s - (z_t - m) is ~1e-5, and lse - z_t would round it to the precision of
+lse (~2e-6). Every long-row path streams partials (m, s, lin, wsum) that merge
+exactly (see _chunk_stats and _merge_stats), so the same formulas hold for a row
+seen whole, in chunks by one program, or in chunks by several programs or ranks.
 
 Class-index target t with class weights w (w = 1 without weights), label
 smoothing eps and W = sum_c w_c (torch's formula):
 
-    loss = (1-eps) w_t (lse - z_t) + eps/C (W lse - sum_c w_c z_c) + z_loss lse^2
+    loss = (1-eps) w_t (log s - (z_t - m)) + eps/C (W log s - sum_c w_c (z_c - m))
+           + z_loss lse^2
     dloss/dz_c = A p_c - B_c
         A   = (1-eps) w_t + eps/C W + 2 z_loss lse
         B_c = (1-eps) w_t [c == t] + eps/C w_c
 
 Probability targets y (y' = (1-eps) y + eps/C):
 
-    loss = (sum_c w_c y'_c) lse - sum_c w_c y'_c z_c + z_loss lse^2
+    loss = (sum_c w_c y'_c) log s - sum_c w_c y'_c (z_c - m) + z_loss lse^2
     dloss/dz_c = A p_c - w_c y'_c,   A = sum_c w_c y'_c + 2 z_loss lse
 
 The soft-cap multiplies the gradient by 1 - tanh^2 = 1 - (z_capped / c)^2.
@@ -102,12 +111,107 @@ def _load_target_probs(row_ptr, cols, mask, class_stride, keep, add, IS_FP64: tl
 
 
 @triton.jit
-def _grad_chunk(z, mask, cols, lse, coef_a, coef_t, coef_smooth, target_col, w, y, scale, softcap,
-                has_softcap, PROB_TARGET: tl.constexpr):
-    """scale * (A p - B) * dcap for one chunk, in the accumulation dtype."""
-    p = tl.exp(z - lse)
+def _shift_ref(m):
+    """The value a partial's sums are shifted by: its max m, or 0 for an all -inf chunk
+    (so z - ref is never -inf - -inf = NaN)."""
+    return tl.where(m > -float("inf"), m, 0.0)
+
+
+@triton.jit
+def _chunk_max_sum(z):
+    """(m, s, zs) of one chunk: m = max z, zs = z - ref(m), s = sum exp(zs)."""
+    m = tl.max(z, axis=0)
+    zs = z - _shift_ref(m)
+    s = tl.sum(tl.exp(zs), axis=0)
+    return m, s, zs
+
+
+@triton.jit
+def _chunk_linear(zs, mask, v):
+    """(sum v (z - ref), sum v) of one chunk; v = w (class index) or w y' (probabilities),
+    0 on padding. Padded lanes (zs = -inf) are excluded, not multiplied."""
+    return tl.sum(tl.where(mask, v * zs, 0.0), axis=0), tl.sum(v, axis=0)
+
+
+@triton.jit
+def _merge_max_sum(m_a, s_a, m_b, s_b):
+    """Merge two (m, s) partials; also returns each side's shift ref(m_x) - ref(m)
+    (<= 0), which moves that side's linear sums onto the merged reference."""
+    m = tl.maximum(m_a, m_b)
+    ref = _shift_ref(m)
+    d_a = _shift_ref(m_a) - ref
+    d_b = _shift_ref(m_b) - ref
+    # An all -inf side has s = 0 and adds nothing (exp(d) may overflow for it).
+    s = tl.where(m_a > -float("inf"), s_a * tl.exp(d_a), 0.0) \
+        + tl.where(m_b > -float("inf"), s_b * tl.exp(d_b), 0.0)
+    return m, s, d_a, d_b
+
+
+@triton.jit
+def _merge_linear(lin_a, v_a, d_a, lin_b, v_b, d_b):
+    """Merge two linear partials onto the reference _merge_max_sum chose."""
+    return lin_a + d_a * v_a + lin_b + d_b * v_b, v_a + v_b
+
+
+@triton.jit
+def _load_chunk(row_logits, row_target, weight_ptr, c, mask, class_stride, target_class_stride,
+                softcap, has_softcap, has_weight, keep, add, IS_FP64: tl.constexpr,
+                PROB_TARGET: tl.constexpr):
+    """(z, w, v) of one chunk: capped logits, weights, and the weights the linear sum
+    uses (w for class indices, w y' for probabilities)."""
+    z = _load_logits(row_logits, c, mask, class_stride, softcap, has_softcap, IS_FP64)
+    w = _load_weights(weight_ptr, c, mask, has_weight, IS_FP64)
     if PROB_TARGET:
-        g = coef_a * p - w * y
+        y = _load_target_probs(row_target, c, mask, target_class_stride, keep, add, IS_FP64)
+        v = w * y
+    else:
+        v = w
+    return z, w, v
+
+
+@triton.jit
+def _row_stats_pass(row_logits, row_target, weight_ptr, lo, hi, cols, class_stride,
+                    target_class_stride, softcap, has_softcap, has_weight, keep, add, acc_ty,
+                    IS_FP64: tl.constexpr, PROB_TARGET: tl.constexpr, HAS_LINEAR: tl.constexpr,
+                    BLOCK_V: tl.constexpr):
+    """Streaming statistics of classes [lo, hi) of one row, one read of the logits (and
+    of y for probabilities): (m, s, lin_w, w_sum, lin_v, v_sum) with
+    lin_w = sum w (z - ref(m)), w_sum = sum w      (zeros unless HAS_LINEAR),
+    lin_v = sum w y' (z - ref(m)), v_sum = sum w y' (zeros unless PROB_TARGET).
+    Shared by the fused two-pass path and the vocab-parallel statistics kernel."""
+    m = tl.full((), -float("inf"), acc_ty)
+    s = tl.zeros((), acc_ty)
+    lin_w = tl.zeros((), acc_ty)
+    w_sum = tl.zeros((), acc_ty)
+    lin_v = tl.zeros((), acc_ty)
+    v_sum = tl.zeros((), acc_ty)
+    for start in range(lo, hi, BLOCK_V):
+        c = start + cols
+        mask = c < hi
+        z, w, v = _load_chunk(row_logits, row_target, weight_ptr, c, mask, class_stride,
+                              target_class_stride, softcap, has_softcap, has_weight, keep, add,
+                              IS_FP64, PROB_TARGET)
+        cm, cs, zs = _chunk_max_sum(z)
+        m, s, d_a, d_b = _merge_max_sum(m, s, cm, cs)
+        if HAS_LINEAR:
+            clin, cw = _chunk_linear(zs, mask, w)
+            lin_w, w_sum = _merge_linear(lin_w, w_sum, d_a, clin, cw, d_b)
+        if PROB_TARGET:
+            clin, cv = _chunk_linear(zs, mask, v)
+            lin_v, v_sum = _merge_linear(lin_v, v_sum, d_a, clin, cv, d_b)
+    return m, s, lin_w, w_sum, lin_v, v_sum
+
+
+@triton.jit
+def _grad_chunk(z, mask, cols, m, log_s, coef_a, coef_t, coef_smooth, target_col, w, v, scale,
+                softcap, has_softcap, PROB_TARGET: tl.constexpr):
+    """scale * (A p - B) * dcap for one chunk, in the accumulation dtype.
+
+    p = exp((z - m) - log s): z - m is exact near the max and log s small, so a
+    confident row's p_t - 1 keeps its digits (exp(z - lse) would not)."""
+    p = tl.exp((z - m) - log_s)
+    if PROB_TARGET:
+        g = coef_a * p - v
     else:
         # Without smoothing the w_c term is exactly absent (an inf weight must not give
         # 0 * inf = NaN, as torch's plain NLL path shows).
@@ -118,6 +222,53 @@ def _grad_chunk(z, mask, cols, lse, coef_a, coef_t, coef_smooth, target_col, w, 
         g = g * (1.0 - zc * zc)
     g = g * scale
     return tl.where(mask, g, 0.0)
+
+
+@triton.jit
+def _row_grad_pass(row_logits, row_grad, row_target, weight_ptr, lo, hi, cols, class_stride,
+                   grad_class_stride, target_class_stride, softcap, has_softcap, has_weight,
+                   keep, add, m, log_s, coef_a, coef_t, coef_smooth, target_col, scale,
+                   IS_FP64: tl.constexpr, PROB_TARGET: tl.constexpr, BLOCK_V: tl.constexpr):
+    """Write the gradient of classes [lo, hi) of one row: 1 read + 1 write per logit.
+    Shared by the fused two-pass path and the vocab-parallel gradient kernel."""
+    out_ty = row_grad.dtype.element_ty
+    for start in range(lo, hi, BLOCK_V):
+        c = start + cols
+        mask = c < hi
+        z, w, v = _load_chunk(row_logits, row_target, weight_ptr, c, mask, class_stride,
+                              target_class_stride, softcap, has_softcap, has_weight, keep, add,
+                              IS_FP64, PROB_TARGET)
+        g = _grad_chunk(z, mask, c, m, log_s, coef_a, coef_t, coef_smooth, target_col, w, v,
+                        scale, softcap, has_softcap, PROB_TARGET)
+        tl.store(row_grad + c * grad_class_stride, g.to(out_ty), mask=mask)
+
+
+@triton.jit
+def _row_loss(m, s, lin, vsum, z_t, w_t, ignored, in_range, weight_total, label_smoothing,
+              z_loss, n_classes, PROB_TARGET: tl.constexpr):
+    """(loss, lse, log s, A, coef_t, coef_smooth) of one row from its merged statistics.
+
+    z_t - m and log s stay apart (see the module docstring). lin = sum v (z - m),
+    vsum = sum v with v = w y' (probabilities) or w (class index; lin used only with
+    smoothing)."""
+    log_s = tl.log(s)
+    lse = m + log_s
+    if PROB_TARGET:
+        loss = vsum * log_s - lin + z_loss * lse * lse
+        coef_a = vsum + 2.0 * z_loss * lse
+        coef_t = tl.zeros_like(lse)
+        coef_smooth = tl.zeros_like(lse)
+    else:
+        eps_c = label_smoothing / n_classes
+        coef_t = (1.0 - label_smoothing) * w_t
+        coef_smooth = eps_c + tl.zeros_like(lse)
+        # The smoothing terms only when eps != 0: with eps == 0 torch computes plain NLL, so
+        # a -inf logit (masked vocabulary) or an inf weight must not turn 0 * inf into NaN.
+        smooth = tl.where(eps_c != 0, eps_c * (weight_total * log_s - lin), 0.0)
+        loss = coef_t * (log_s - (z_t - m)) + smooth + z_loss * lse * lse
+        coef_a = coef_t + tl.where(eps_c != 0, eps_c * weight_total, 0.0) + 2.0 * z_loss * lse
+        loss = tl.where(ignored, 0.0, tl.where(in_range, loss, float("nan")))
+    return loss, lse, log_s, coef_a, coef_t, coef_smooth
 
 
 @triton.jit(do_not_specialize=["has_weight", "has_softcap", "write_grad", "ignore_index"])
@@ -191,71 +342,46 @@ def cross_entropy_fwd_bwd_kernel(
     cols = tl.arange(0, BLOCK_V)
     if LARGE_OFFSETS:
         cols = cols.to(tl.int64)
+    keep = 1.0 - label_smoothing
+    add = label_smoothing / n_classes
     if SINGLE_BLOCK:
         mask = cols < n_classes
-        z = _load_logits(row_logits, cols, mask, logit_stride_class, softcap, has_softcap, IS_FP64)
-        w = _load_weights(weight_ptr, cols, mask, has_weight, IS_FP64)
-        m = tl.max(z, axis=0)
-        lse = m + tl.log(tl.sum(tl.exp(z - m), axis=0))
+        z, w, v = _load_chunk(row_logits, row_target, weight_ptr, cols, mask, logit_stride_class,
+                              target_stride_class, softcap, has_softcap, has_weight, keep, add,
+                              IS_FP64, PROB_TARGET)
+        m, s, zs = _chunk_max_sum(z)
+        lin = tl.sum(tl.where(mask, v * zs, 0.0), axis=0)
         if PROB_TARGET:
-            y = _load_target_probs(row_target, cols, mask, target_stride_class,
-                                   1.0 - label_smoothing, label_smoothing / n_classes, IS_FP64)
-            wy_sum = tl.sum(w * y, axis=0)
-            wyz_sum = tl.sum(tl.where(mask, w * y * z, 0.0), axis=0)
+            vsum = tl.sum(v, axis=0)
         else:
-            y = w  # unused
-            wz_sum = tl.sum(tl.where(mask, w * z, 0.0), axis=0)
+            vsum = weight_total  # unused: the class-index loss takes W from reduce_ptr
             z_t = tl.sum(tl.where(cols == safe_col, z, 0.0), axis=0)
     else:
-        # Pass 1: online logsumexp (and the smoothing / probability-target sums).
-        m = tl.full((), -float("inf"), acc_ty)
-        s = tl.zeros((), acc_ty)
-        acc1 = tl.zeros((), acc_ty)
-        acc2 = tl.zeros((), acc_ty)
-        for start in range(0, n_classes, BLOCK_V):
-            c = start + cols
-            mask = c < n_classes
-            z = _load_logits(row_logits, c, mask, logit_stride_class, softcap, has_softcap,
-                             IS_FP64)
-            w = _load_weights(weight_ptr, c, mask, has_weight, IS_FP64)
-            m_new = tl.maximum(m, tl.max(z, axis=0))
-            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
-            m = m_new
-            if PROB_TARGET:
-                y = _load_target_probs(row_target, c, mask, target_stride_class,
-                                       1.0 - label_smoothing, label_smoothing / n_classes,
-                                       IS_FP64)
-                acc1 += tl.sum(w * y, axis=0)
-                acc2 += tl.sum(tl.where(mask, w * y * z, 0.0), axis=0)
-            else:
-                acc1 += tl.sum(tl.where(mask, w * z, 0.0), axis=0)
-        lse = m + tl.log(s)
+        # Pass 1: streaming statistics (one read).
+        m, s, lin, _, lin_v, v_sum = _row_stats_pass(
+            row_logits, row_target, weight_ptr, 0, n_classes, cols, logit_stride_class,
+            target_stride_class, softcap, has_softcap, has_weight, keep, add, acc_ty,
+            IS_FP64, PROB_TARGET, not PROB_TARGET, BLOCK_V)
         if PROB_TARGET:
-            wy_sum = acc1
-            wyz_sum = acc2
+            lin = lin_v
+            vsum = v_sum
         else:
-            wz_sum = acc1
+            vsum = weight_total  # unused: the class-index loss takes W from reduce_ptr
+        if not PROB_TARGET:
             z_t = _load_logits(row_logits, safe_col, in_range, logit_stride_class, softcap,
                                has_softcap, IS_FP64)
 
-    # Per-row loss and gradient coefficients.
     if PROB_TARGET:
-        loss = wy_sum * lse - wyz_sum + z_loss * lse * lse
-        coef_a = wy_sum + 2.0 * z_loss * lse
-        coef_t = 0.0
-        coef_smooth = 0.0
+        z_t = m
+        w_t = 1.0
+        ignored = False
+        in_range = True
     else:
         w_t = tl.load(weight_ptr + safe_col, mask=in_range & (has_weight != 0), other=1.0)
         w_t = w_t.to(acc_ty)
-        eps_c = label_smoothing / n_classes
-        coef_t = (1.0 - label_smoothing) * w_t
-        coef_smooth = eps_c
-        # The smoothing terms only when eps != 0: with eps == 0 torch computes plain NLL, so
-        # a -inf logit (masked vocabulary) or an inf weight must not turn 0 * inf into NaN.
-        smooth = tl.where(eps_c != 0, eps_c * (weight_total * lse - wz_sum), 0.0)
-        loss = coef_t * (lse - z_t) + smooth + z_loss * lse * lse
-        coef_a = coef_t + tl.where(eps_c != 0, eps_c * weight_total, 0.0) + 2.0 * z_loss * lse
-        loss = tl.where(ignored, 0.0, tl.where(in_range, loss, float("nan")))
+    loss, lse, log_s, coef_a, coef_t, coef_smooth = _row_loss(
+        m, s, lin, vsum, z_t, w_t, ignored, in_range, weight_total, label_smoothing, z_loss,
+        n_classes, PROB_TARGET)
     tl.store(loss_ptr + row, loss)
     tl.store(lse_ptr + row, lse)
 
@@ -270,26 +396,15 @@ def cross_entropy_fwd_bwd_kernel(
             # Reload the (cached, C-element) weights rather than keep them live across
             # the reductions: registers go to the row of logits.
             w = _load_weights(weight_ptr, cols, mask, has_weight, IS_FP64)
-            g = _grad_chunk(z, mask, cols, lse, coef_a, coef_t, coef_smooth, target_col, w, y,
-                            scale, softcap, has_softcap, PROB_TARGET)
+            g = _grad_chunk(z, mask, cols, m, log_s, coef_a, coef_t, coef_smooth, target_col, w,
+                            v, scale, softcap, has_softcap, PROB_TARGET)
             tl.store(row_grad + cols * grad_stride_class, g.to(out_ty), mask=mask)
         else:
             # Pass 2: re-read the row and write the gradient.
-            for start in range(0, n_classes, BLOCK_V):
-                c = start + cols
-                mask = c < n_classes
-                z = _load_logits(row_logits, c, mask, logit_stride_class, softcap, has_softcap,
-                                 IS_FP64)
-                w = _load_weights(weight_ptr, c, mask, has_weight, IS_FP64)
-                if PROB_TARGET:
-                    y = _load_target_probs(row_target, c, mask, target_stride_class,
-                                           1.0 - label_smoothing, label_smoothing / n_classes,
-                                           IS_FP64)
-                else:
-                    y = w
-                g = _grad_chunk(z, mask, c, lse, coef_a, coef_t, coef_smooth, target_col, w, y,
-                                scale, softcap, has_softcap, PROB_TARGET)
-                tl.store(row_grad + c * grad_stride_class, g.to(out_ty), mask=mask)
+            _row_grad_pass(row_logits, row_grad, row_target, weight_ptr, 0, n_classes, cols,
+                           logit_stride_class, grad_stride_class, target_stride_class, softcap,
+                           has_softcap, has_weight, keep, add, m, log_s, coef_a, coef_t,
+                           coef_smooth, target_col, scale, IS_FP64, PROB_TARGET, BLOCK_V)
 
 
 @triton.jit
@@ -355,9 +470,10 @@ def cross_entropy_shard_stats_kernel(
       logits_ptr  (n_outer, n_inner, n_classes), strides logit_stride_*.
       target_ptr  only if PROB_TARGET: probabilities of this slice, strides target_stride_*.
       weight_ptr  (n_classes,) this slice's class weights (fp32/fp64); read if has_weight.
-      stats_ptr   (n_rows, 6) fp32/fp64, contiguous, written:
-                  [max z, sum exp(z - max), sum w z, sum w, sum w y, sum w y z]
-                  (the last two are 0 without PROB_TARGET).
+      stats_ptr   (n_rows, 6) fp32/fp64, contiguous, written: [m = max z,
+                  sum exp(z - r), sum w (z - r), sum w, sum w y, sum w y (z - r)] with
+                  r = m (0 if m = -inf); the last two are 0 without PROB_TARGET. The
+                  shifted sums stay accurate for confident rows (see the module docstring).
     Scalars: softcap as an fp32 hi + lo pair; has_weight, has_softcap runtime flags.
     Constexprs: PROB_TARGET, IS_FP64, LARGE_OFFSETS (int64 class offsets), BLOCK_V.
     Bytes per logit: 1 read (plus 1 read of y with probability targets).
@@ -373,26 +489,10 @@ def cross_entropy_shard_stats_kernel(
     cols = tl.arange(0, BLOCK_V)
     if LARGE_OFFSETS:
         cols = cols.to(tl.int64)
-    m = tl.full((), -float("inf"), acc_ty)
-    s = tl.zeros((), acc_ty)
-    wz = tl.zeros((), acc_ty)
-    w_sum = tl.zeros((), acc_ty)
-    wy = tl.zeros((), acc_ty)
-    wyz = tl.zeros((), acc_ty)
-    for start in range(0, n_classes, BLOCK_V):
-        c = start + cols
-        mask = c < n_classes
-        z = _load_logits(row_logits, c, mask, logit_stride_class, softcap, has_softcap, IS_FP64)
-        w = _load_weights(weight_ptr, c, mask, has_weight, IS_FP64)
-        m_new = tl.maximum(m, tl.max(z, axis=0))
-        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
-        m = m_new
-        wz += tl.sum(tl.where(mask, w * z, 0.0), axis=0)
-        w_sum += tl.sum(w, axis=0)
-        if PROB_TARGET:
-            y = _load_target_probs(row_target, c, mask, target_stride_class, 1.0, 0.0, IS_FP64)
-            wy += tl.sum(w * y, axis=0)
-            wyz += tl.sum(tl.where(mask, w * y * z, 0.0), axis=0)
+    m, s, wz, w_sum, wyz, wy = _row_stats_pass(
+        row_logits, row_target, weight_ptr, 0, n_classes, cols, logit_stride_class,
+        target_stride_class, softcap, has_softcap, has_weight, 1.0, 0.0, acc_ty,
+        IS_FP64, PROB_TARGET, True, BLOCK_V)
     out = stats_ptr + row * 6
     tl.store(out, m)
     tl.store(out + 1, s)
@@ -420,8 +520,8 @@ def cross_entropy_shard_grad_kernel(
                   value outside [0, n_classes) when the target lives on another rank);
                   or, if PROB_TARGET, this slice's probabilities (target_stride_*).
       weight_ptr  (n_classes,) this slice's weights; read if has_weight.
-      coef_ptr    (n_rows, 6) fp32/fp64 contiguous: [lse, A, coef_t, scale, keep, add]:
-                  grad = scale * (A p - B) with p = exp(z - lse) and
+      coef_ptr    (n_rows, 7) fp32/fp64 contiguous: [m, log s, A, coef_t, scale, keep,
+                  add]: grad = scale * (A p - B) with p = exp((z - m) - log s) and
                   B = coef_t [c == t] + add * w   (class index), or
                   B = w (keep * y + add)           (probabilities),
                   keep = 1 - eps, add = eps / C_total.
@@ -437,13 +537,14 @@ def cross_entropy_shard_grad_kernel(
     else:
         acc_ty = tl.float32
     softcap = _scalar(softcap_hi, softcap_lo, IS_FP64)
-    coef = coef_ptr + row * 6
-    lse = tl.load(coef).to(acc_ty)
-    coef_a = tl.load(coef + 1).to(acc_ty)
-    coef_t = tl.load(coef + 2).to(acc_ty)
-    scale = tl.load(coef + 3).to(acc_ty)
-    keep = tl.load(coef + 4).to(acc_ty)
-    add = tl.load(coef + 5).to(acc_ty)
+    coef = coef_ptr + row * 7
+    m = tl.load(coef).to(acc_ty)
+    log_s = tl.load(coef + 1).to(acc_ty)
+    coef_a = tl.load(coef + 2).to(acc_ty)
+    coef_t = tl.load(coef + 3).to(acc_ty)
+    scale = tl.load(coef + 4).to(acc_ty)
+    keep = tl.load(coef + 5).to(acc_ty)
+    add = tl.load(coef + 6).to(acc_ty)
     if PROB_TARGET:
         target_col = 0
     else:
@@ -451,16 +552,7 @@ def cross_entropy_shard_grad_kernel(
     cols = tl.arange(0, BLOCK_V)
     if LARGE_OFFSETS:
         cols = cols.to(tl.int64)
-    out_ty = grad_ptr.dtype.element_ty
-    for start in range(0, n_classes, BLOCK_V):
-        c = start + cols
-        mask = c < n_classes
-        z = _load_logits(row_logits, c, mask, logit_stride_class, softcap, has_softcap, IS_FP64)
-        w = _load_weights(weight_ptr, c, mask, has_weight, IS_FP64)
-        if PROB_TARGET:
-            y = _load_target_probs(row_target, c, mask, target_stride_class, keep, add, IS_FP64)
-        else:
-            y = w
-        g = _grad_chunk(z, mask, c, lse, coef_a, coef_t, add, target_col, w, y, scale, softcap,
-                        has_softcap, PROB_TARGET)
-        tl.store(row_grad + c * grad_stride_class, g.to(out_ty), mask=mask)
+    _row_grad_pass(row_logits, row_grad, row_target, weight_ptr, 0, n_classes, cols,
+                   logit_stride_class, grad_stride_class, target_stride_class, softcap,
+                   has_softcap, has_weight, keep, add, m, log_s, coef_a, coef_t, add, target_col,
+                   scale, IS_FP64, PROB_TARGET, BLOCK_V)

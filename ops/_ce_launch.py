@@ -35,9 +35,16 @@ SCALE_BLOCK_V = 1024
 _INT32_LIMIT = 2**31
 
 
+# Tests and benchmarks may route calls through one path ("single", "two_pass"); None lets
+# choose_path decide.
+FORCE_PATH: str | None = None
+
+
 def fused_block_v(n_classes: int, dtype: torch.dtype, prob_target: bool) -> tuple[int, bool]:
     """(BLOCK_V, SINGLE_BLOCK) for the fused kernel: whole row on chip when it fits."""
     key = (dtype == torch.float64, prob_target)
+    if FORCE_PATH == "two_pass":
+        return LOOP_BLOCK_V[key], False
     if n_classes <= SMALL_BLOCK_V:
         return SMALL_BLOCK_V, True
     if n_classes <= MEDIUM_BLOCK_V:

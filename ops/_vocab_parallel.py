@@ -4,7 +4,9 @@ Each rank holds a contiguous slice of the vocabulary (slices in rank order, widt
 may differ) and the global class ids as targets. Per call:
 
 1. statistics kernel over the local slice (1 read of the logits): per row
-   max, sum exp(z - max), sum w z, sum w (and sum w y, sum w y z for probabilities);
+   max, sum exp(z - max), sum w (z - max), sum w (and sum w y, sum w y (z - max) for
+   probabilities), all shifted by the local max so that log(sum exp) and z - max stay
+   apart (accurate for confident rows, as torch);
 2. collective 1, ``all_gather`` of (rows + 1) floats per rank: each rank's row
    maxima and its slice width (the widths give every rank's offset and C);
 3. collective 2, ``all_reduce(SUM)`` of 7 x rows floats: rescaled sums of
@@ -56,9 +58,19 @@ def _forward(input, target, weight, ignore_index, reduction, label_smoothing, z_
     n_total = widths.sum()
     start = widths[:rank].sum().to(torch.int64)
 
+    # Every rank moves its shifted sums onto the global max M before the reduction:
+    # sum v (z - M) = sum v (z - r) + (r - M) sum v, r = the local max (0 if -inf), so
+    # the shifted logits and log(sum exp) stay apart as in the fused kernel.
+    local_max = stats[:, 0]
+    ref_local = torch.where(local_max > float("-inf"), local_max, 0.0)
+    ref_global = torch.where(row_max > float("-inf"), row_max, 0.0)
+    shift = ref_local - ref_global
     packed = torch.zeros(7, n_rows, dtype=acc, device=device)
-    packed[0] = stats[:, 1] * torch.exp(stats[:, 0] - row_max)
-    packed[3:7] = stats[:, 2:6].t()
+    packed[0] = torch.where(local_max > float("-inf"), stats[:, 1] * torch.exp(shift), 0.0)
+    packed[3] = stats[:, 2] + shift * stats[:, 3]  # sum w (z - M)
+    packed[4] = stats[:, 3]  # sum w
+    packed[5] = stats[:, 4]  # sum w y
+    packed[6] = stats[:, 5] + shift * stats[:, 4]  # sum w y (z - M)
     if not prob:
         t = launch.rows_view(target, class_dim=False).reshape(-1).to(torch.int64)
         valid = t != ignore_index
@@ -70,13 +82,15 @@ def _forward(input, target, weight, ignore_index, reduction, label_smoothing, z_
         if softcap is not None:
             z_t = softcap * torch.tanh(z_t / softcap)
         w_t = w[safe] if w is not None else torch.ones_like(z_t)
-        packed[1] = torch.where(own, z_t, 0.0)
+        packed[1] = torch.where(own, z_t - ref_global, 0.0)  # z_t - M, exact
         packed[2] = torch.where(own, w_t, 0.0)
     # Collective 2: the sums every rank needs.
     dist.all_reduce(packed, group=group)
     sum_exp, z_target, w_target, sum_wz, w_total, sum_wy, sum_wyz = packed
 
-    lse = row_max + torch.log(sum_exp)
+    m = ref_global
+    log_s = torch.log(sum_exp)
+    lse = m + log_s
     eps_c = label_smoothing / n_total
     keep = 1.0 - label_smoothing
     z_term = z_loss * lse * lse
@@ -86,7 +100,7 @@ def _forward(input, target, weight, ignore_index, reduction, label_smoothing, z_
     if prob:
         wy = keep * sum_wy + (eps_c * w_total if smoothing else 0.0)
         wyz = keep * sum_wyz + (eps_c * sum_wz if smoothing else 0.0)
-        loss_rows = wy * lse - wyz + z_term
+        loss_rows = wy * log_s - wyz + z_term
         coef_a = wy + 2.0 * z_loss * lse
         coef_t = torch.zeros_like(lse)
         divisor = torch.full((), float(n_rows), dtype=acc, device=device)
@@ -95,10 +109,10 @@ def _forward(input, target, weight, ignore_index, reduction, label_smoothing, z_
         bad = valid & ((t < 0) | (t >= n_total))
         _check_targets(bad, device)
         coef_t = keep * w_target
-        loss_rows = coef_t * (lse - z_target) + z_term
+        loss_rows = coef_t * (log_s - z_target) + z_term
         coef_a = coef_t + 2.0 * z_loss * lse
         if smoothing:
-            loss_rows = loss_rows + eps_c * (w_total * lse - sum_wz)
+            loss_rows = loss_rows + eps_c * (w_total * log_s - sum_wz)
             coef_a = coef_a + eps_c * w_total
         nan = torch.full_like(lse, float("nan"))
         loss_rows = torch.where(valid, torch.where(bad, nan, loss_rows), 0.0)
@@ -111,7 +125,7 @@ def _forward(input, target, weight, ignore_index, reduction, label_smoothing, z_
         if not prob:
             # Ignored rows get an exact 0, not 0 * (1/0) = NaN when every row is ignored.
             row_scale = torch.where(valid, row_scale, 0.0)
-        coef = torch.stack([lse, coef_a, coef_t, row_scale, torch.full_like(lse, keep),
+        coef = torch.stack([m, log_s, coef_a, coef_t, row_scale, torch.full_like(lse, keep),
                             eps_c.expand_as(lse).to(acc)], dim=1).contiguous()
         grad3 = launch.rows_view(grad, class_dim=True)
         if prob:
