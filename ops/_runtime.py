@@ -8,6 +8,9 @@ kernels on CPU tensors; that is how the test suite runs on CPU-only machines.
 
 from __future__ import annotations
 
+import math
+import struct
+
 import torch
 
 
@@ -66,6 +69,24 @@ def split_f64(value: float) -> tuple[float, float]:
     Compiled Triton passes Python floats as fp32, so kernels that compute in fp64
     take host scalars as such a pair and add the halves in fp64.
     """
-    hi = float(torch.tensor(value, dtype=torch.float32))
-    lo = float(torch.tensor(value - hi, dtype=torch.float32))
-    return hi, lo
+    hi = _round_f32(value)
+    return hi, _round_f32(value - hi)
+
+
+def _round_f32(value: float) -> float:
+    """value rounded to the nearest float32 (a struct round trip: exact, no tensor)."""
+    try:
+        return struct.unpack("f", struct.pack("f", value))[0]
+    except OverflowError:  # beyond float32's range: round to +-inf like a float32 cast
+        return math.copysign(math.inf, value)
+
+
+# Tests set this to run the device branches of host_reads_free on CPU tensors (what a
+# CUDA run executes), under a watcher that flags host synchronisation.
+_CPU_AS_DEVICE = False
+
+
+def host_reads_free(device: torch.device) -> bool:
+    """True where reading tensor data on the host costs no synchronisation (CPU). Ops may
+    then check data eagerly and raise; elsewhere they must assert on the device."""
+    return device.type == "cpu" and not _CPU_AS_DEVICE

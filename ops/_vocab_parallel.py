@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 from . import _alloc
 from . import _ce_launch as launch
-from ._runtime import acc_dtype, device_guard
+from ._runtime import acc_dtype, device_guard, host_reads_free
 
 
 def _forward(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
@@ -47,9 +47,9 @@ def _forward(input, target, weight, ignore_index, reduction, label_smoothing, z_
     # Collective 1: every rank's row maxima and slice width.
     world = dist.get_world_size(group)
     rank = dist.get_rank(group)
-    send = torch.empty(n_rows + 1, dtype=acc, device=device)
-    send[:n_rows] = stats[:, 0]
-    send[n_rows] = n_local
+    # The width is a fill, not a Python number assigned into a device tensor (a blocking
+    # host-to-device copy).
+    send = torch.cat([stats[:, 0], torch.full((1,), n_local, dtype=acc, device=device)])
     gathered = [torch.empty_like(send) for _ in range(world)]
     dist.all_gather(gathered, send, group=group)
     gathered = torch.stack(gathered)
@@ -150,7 +150,7 @@ def _forward(input, target, weight, ignore_index, reduction, label_smoothing, z_
 
 
 def _check_targets(bad, device):
-    if device.type == "cuda":
+    if not host_reads_free(device):
         torch._assert_async(~bad.any(), "fusedgrad.cross_entropy: target out of bounds")
     elif bad.any():
         raise ValueError("fusedgrad.cross_entropy: `target` holds class indices outside the "

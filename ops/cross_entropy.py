@@ -17,13 +17,15 @@ Two forward variants:
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
 from . import _alloc
 from . import _ce_launch as launch
 from ._ce_validate import split_divisor, validate
-from ._runtime import acc_dtype, device_guard
+from ._runtime import acc_dtype, device_guard, host_reads_free
 
 
 def _loss_shape(input: Tensor, prob_target: bool, target: Tensor) -> list[int]:
@@ -39,7 +41,7 @@ def _check_targets_in_range(target: Tensor, n_classes: int, ignore_index: int) -
     torch's own), so no host synchronisation; the kernel also writes NaN for such rows.
     """
     bad = (target != ignore_index) & ((target < 0) | (target >= n_classes))
-    if target.device.type == "cuda":
+    if not host_reads_free(target.device):
         torch._assert_async(~bad.any(), "fusedgrad.cross_entropy: target out of bounds")
     elif bad.any():  # CPU: the host already has the data
         raise ValueError(
@@ -79,19 +81,22 @@ def _forward_into(input: Tensor, target: Tensor, weight: Tensor | None, grad: Te
     n_rows = logits3.shape[0] * logits3.shape[1]
     w = weight.to(acc).contiguous() if weight is not None else None
 
-    # [gradient scale, sum of class weights], computed on the device: no host sync.
-    reduce_buf = torch.ones(2, dtype=acc, device=device)
-    if w is not None:
-        reduce_buf[1] = w.sum()
-    else:
-        reduce_buf[1] = float(n_classes)
+    # [gradient scale, sum of class weights], computed on the device from fills and
+    # device tensors only: a Python float assigned to an element of a device tensor
+    # would be a blocking host-to-device copy.
+    scale = torch.ones((), dtype=acc, device=device)
+    w_sum = w.sum() if w is not None else torch.full((), n_classes, dtype=acc, device=device)
     sum_divisor = _sum_divisor(divisor, divisor_value, acc)
-    if sum_divisor is not None:
-        reduce_buf[0] = 1.0 / sum_divisor
+    if isinstance(sum_divisor, Tensor):
+        scale = 1.0 / sum_divisor
+    elif sum_divisor is not None:
+        inv = 1.0 / sum_divisor if sum_divisor else math.copysign(math.inf, sum_divisor)
+        scale = torch.full((), inv, dtype=acc, device=device)
     divisor = None
     if reduction == "mean":
         if prob_target:
-            reduce_buf[0] = 1.0 / n_rows if n_rows else float("inf")
+            scale = torch.full((), 1.0 / n_rows if n_rows else float("inf"), dtype=acc,
+                               device=device)
         else:
             valid = target_v != ignore_index
             if w is not None:
@@ -99,7 +104,8 @@ def _forward_into(input: Tensor, target: Tensor, weight: Tensor | None, grad: Te
                 divisor = torch.where(valid, w[safe], 0).sum()
             else:
                 divisor = valid.sum().to(acc)
-            reduce_buf[0] = 1.0 / divisor
+            scale = 1.0 / divisor
+    reduce_buf = torch.stack([scale, w_sum])
 
     loss_rows = _alloc.empty(n_rows, dtype=acc, device=device)
     lse_rows = _alloc.empty(n_rows, dtype=acc, device=device)
