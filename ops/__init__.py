@@ -9,6 +9,7 @@ from .batch_norm_act import BatchNormAct2d, SyncBatchNormAct2d
 from .batch_norm_convert import ConversionReport, convert_batchnorm, convert_sync_batchnorm
 from .batch_norm_modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from .cross_entropy import CrossEntropyLoss, cross_entropy
+from .linear_cross_entropy import LinearCrossEntropyLoss, linear_cross_entropy
 from .sync_batch_norm import SyncBatchNorm
 
 __version__ = "0.1.0"
@@ -20,10 +21,12 @@ __all__ = [
     "BatchNormAct2d",
     "ConversionReport",
     "CrossEntropyLoss",
+    "LinearCrossEntropyLoss",
     "SyncBatchNorm",
     "SyncBatchNormAct2d",
     "batch_norm",
     "convert_batchnorm",
     "convert_sync_batchnorm",
     "cross_entropy",
+    "linear_cross_entropy",
 ]
