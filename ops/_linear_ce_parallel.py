@@ -88,7 +88,7 @@ def _mean_divisor(target2, cw, ignore_index, n_local, group, acc):
     # Weighted: the weight of each target lives on the rank that owns the class.
     world = dist.get_world_size(group)
     rank = dist.get_rank(group)
-    width = torch.tensor([n_local], dtype=torch.int64, device=target2.device)
+    width = torch.full((1,), n_local, dtype=torch.int64, device=target2.device)
     widths = [torch.empty_like(width) for _ in range(world)]
     dist.all_gather(widths, width, group=group)
     start = torch.stack(widths)[:rank].sum()

@@ -108,14 +108,18 @@ def _accumulate_weight_grad(dw_acc: Tensor, g: Tensor, x: Tensor) -> None:
 
 def _reduce_buffer(target2, prob_target, cw, n_rows, n_classes, ignore_index, reduction,
                    divisor, divisor_value, acc, device):
-    """[gradient scale, sum of class weights] on the device, and the mean's divisor."""
-    reduce_buf = torch.ones(2, dtype=acc, device=device)
-    reduce_buf[1] = cw.sum() if cw is not None else float(n_classes)
+    """[gradient scale, sum of class weights] on the device, and the mean's divisor.
+
+    Built from fills and device tensors only (a Python float assigned into an element of
+    a device tensor would be a blocking host-to-device copy)."""
+    w_sum = cw.sum() if cw is not None else torch.full((), n_classes, dtype=acc, device=device)
+    scale = torch.ones((), dtype=acc, device=device)
     mean_divisor = None
     if reduction == "mean":
         if prob_target:
             mean_divisor = float(n_rows)
-            reduce_buf[0] = 1.0 / n_rows if n_rows else float("inf")
+            scale = torch.full((), 1.0 / n_rows if n_rows else math.inf, dtype=acc,
+                               device=device)
         else:
             valid = target2 != ignore_index
             if cw is not None:
@@ -123,10 +127,12 @@ def _reduce_buffer(target2, prob_target, cw, n_rows, n_classes, ignore_index, re
                 mean_divisor = torch.where(valid, cw[safe], 0).sum()
             else:
                 mean_divisor = valid.sum().to(acc)
-            reduce_buf[0] = 1.0 / mean_divisor
-    elif reduction == "sum" and (divisor is not None or divisor_value is not None):
-        reduce_buf[0] = 1.0 / (divisor.to(acc) if divisor is not None else divisor_value)
-    return reduce_buf, mean_divisor
+            scale = 1.0 / mean_divisor
+    elif reduction == "sum" and divisor is not None:
+        scale = 1.0 / divisor.to(acc)
+    elif reduction == "sum" and divisor_value is not None:
+        scale = torch.full((), 1.0 / divisor_value, dtype=acc, device=device)
+    return torch.stack([scale, w_sum]), mean_divisor
 
 
 def _chunk_loop(x2, w, b, target2, cw, reduce_buf, loss_rows, *, ignore_index,

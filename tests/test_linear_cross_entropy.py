@@ -16,8 +16,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import fusedgrad as fg
 from fusedgrad import _ce_launch
 
-from ce_reference import reference_cross_entropy
 from helpers import DEVICE, assert_close
+from lce_reference import reference
 
 lce_mod = importlib.import_module("fusedgrad.linear_cross_entropy")
 
@@ -37,27 +37,6 @@ def make(n_rows, hidden, n_classes, dtype=torch.float32, lead=None, bias=False, 
             t[torch.rand(lead) < ignore_frac] = -100
         t = t.to(DEVICE)
     return x, w, b, t
-
-
-def reference(x, w, b, t, grad_output=None, divisor=None, **kw):
-    """Float64 (loss, dx, dW, db) through torch's linear and the suite's CE reference."""
-    x64 = x.detach().double().requires_grad_(True)
-    w64 = w.detach().double().requires_grad_(True)
-    b64 = b.detach().double().requires_grad_(True) if b is not None else None
-    logits = F.linear(x64, w64, b64)
-    n_classes = w.shape[0]
-    prob = t.is_floating_point()
-    logits2 = logits.reshape(-1, n_classes)
-    t2 = t.reshape(-1, n_classes).double() if prob else t.reshape(-1)
-    loss = reference_cross_entropy(logits2, t2, **kw)
-    if kw.get("reduction") == "none":
-        loss = loss.reshape(t.shape[:-1] if prob else t.shape)
-    if divisor is not None:
-        loss = loss / float(divisor)
-    go = torch.ones_like(loss) if grad_output is None else grad_output.double()
-    inputs = [x64, w64] + ([b64] if b64 is not None else [])
-    grads = torch.autograd.grad(loss, inputs, go)
-    return loss.detach(), grads
 
 
 def check(x, w, b, t, *, grad_output=None, dtype=None, factor=1.0, **kw):
@@ -370,3 +349,25 @@ def test_target_out_of_range_is_an_error():
 def test_public_names():
     assert fg.linear_cross_entropy is lce_mod.linear_cross_entropy
     assert "linear_cross_entropy" in fg.__all__ and "LinearCrossEntropyLoss" in fg.__all__
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="CPU model of host synchronisation (see "
+                    "tests/test_no_host_sync.py); on CUDA the CE suite uses the sync debug mode")
+@pytest.mark.parametrize("reduction, divisor", [("mean", None), ("none", None),
+                                                ("sum", "tensor")])
+def test_no_host_sync(reduction, divisor):
+    from test_no_host_sync import run_watched
+
+    x, w, b, t = make(10, 8, 30, bias=True)
+    cw = torch.rand(30) + 0.5
+    d = torch.tensor(7.0) if divisor == "tensor" else None
+    xg, wg, bg = (v.clone().requires_grad_(True) for v in (x, w, b))
+    go = torch.randn(10) if reduction == "none" else torch.tensor(1.5)
+
+    def body():
+        loss = fg.linear_cross_entropy(xg, wg, t, linear_bias=bg, weight=cw,
+                                       reduction=reduction, divisor=d, chunk_size=4)
+        loss.backward(go)
+
+    run_watched(body, xg, wg, bg, t, cw, go, *([d] if d is not None else []))
+    assert torch.isfinite(wg.grad).all()

@@ -8,7 +8,7 @@ import torch
 
 from _distributed import run_workers
 from helpers import assert_close
-from test_linear_cross_entropy import reference
+from lce_reference import reference
 
 WIDTHS = (23, 18)  # unequal slices on purpose
 CASES = [
