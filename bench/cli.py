@@ -56,14 +56,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     sel = p.add_argument_group("selection (run)")
     sel.add_argument("--quick", action="store_true", help="short selection (< 3 min on an H100)")
     sel.add_argument("--op", nargs="+", metavar="OP",
-                     help="ce|cross_entropy, bn|batch_norm, e2e (comma or space separated)")
+                     help="ce|cross_entropy, bn|batch_norm, lce|linear_cross_entropy, e2e "
+                          "(comma or space separated)")
     sel.add_argument("--dtype", nargs="+", metavar="DT", help="fp32, bf16, fp16")
     sel.add_argument("--mode", nargs="+", metavar="M", help="fwd, fwd+bwd, step")
     sel.add_argument("--layout", nargs="+", metavar="L", help="contiguous|contig, channels_last|cl")
     sel.add_argument("--shape", nargs="+", metavar="S",
                      help="keep cases whose name contains any of these, e.g. 128256 or x56x56")
     sel.add_argument("--impl", nargs="+", metavar="I",
-                     help="fusedgrad, inplace, torch, compile, liger (default: all)")
+                     help="fusedgrad, inplace, torch, compile, liger, torch.lce (default: all)")
     sel.add_argument("--list", action="store_true", help="print the selected cases and exit")
     out = p.add_argument_group("output (run)")
     out.add_argument("--out", type=Path, default=DEFAULT_OUT,
@@ -107,9 +108,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def all_cases():
-    from . import batch_norm, cross_entropy, e2e
+    from . import batch_norm, cross_entropy, e2e, linear_cross_entropy
 
-    return cross_entropy.cases() + batch_norm.cases() + e2e.cases()
+    return (cross_entropy.cases() + batch_norm.cases() + e2e.cases()
+            + linear_cross_entropy.cases())
 
 
 def select_cases(cases, args) -> list:

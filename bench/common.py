@@ -25,7 +25,8 @@ FUSED_INPLACE = "fusedgrad (inplace)"
 TORCH = "torch"
 COMPILE = "torch.compile"
 LIGER = "liger"
-PEERS = (TORCH, COMPILE, LIGER)
+TORCH_LCE = "torch.lce"  # torch's F.linear_cross_entropy, chunked (linear + CE cases only)
+PEERS = (TORCH, COMPILE, LIGER, TORCH_LCE)
 # Command-line spellings for --impl.
 IMPL_ALIASES = {
     "fusedgrad": FUSED, "fused": FUSED, "fg": FUSED,
@@ -33,6 +34,7 @@ IMPL_ALIASES = {
     "torch": TORCH, "eager": TORCH, "pytorch": TORCH,
     "compile": COMPILE, "torch.compile": COMPILE, "inductor": COMPILE,
     "liger": LIGER, "liger-kernel": LIGER,
+    "torch.lce": TORCH_LCE, "torch-lce": TORCH_LCE,
 }
 DTYPE_NAMES = ("fp32", "bf16", "fp16")
 

@@ -22,12 +22,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .common import COMPILE, FUSED, FUSED_INPLACE, LIGER, TORCH
+from .common import COMPILE, FUSED, FUSED_INPLACE, LIGER, TORCH, TORCH_LCE
 
 SCHEMA = 1
-IMPL_ORDER = (FUSED, FUSED_INPLACE, TORCH, COMPILE, LIGER)
+IMPL_ORDER = (FUSED, FUSED_INPLACE, TORCH, COMPILE, LIGER, TORCH_LCE)
 PEER_COLUMNS = (TORCH, COMPILE, LIGER)
 FAMILY_TITLES = {"cross_entropy": "Cross-entropy", "batch_norm": "BatchNorm (training)",
+                 "linear_cross_entropy": "Fused linear + cross-entropy",
                  "e2e": "End-to-end training steps"}
 # Cases the README's headline table is made of (those present in a run are used).
 HEADLINE_CASES = (

@@ -25,11 +25,12 @@ def test_quick_selection():
         "ce bf16 8192x128256 fwd+bwd", "ce bf16 8192x128256 fwd",
         "bn bf16 contig 16x3x512x512 fwd+bwd", "bn bf16 cl 64x64x56x56 fwd+bwd",
         "e2e lm_head bf16 8192x2048->128256 step", "e2e resnet_block bf16 cl 64x64x56x56 step",
+        "lce bf16 4096x2048x128256 fwd+bwd",
     ]
 
 
 def test_default_selects_everything():
-    assert len(names([])) == len(cli.all_cases()) == 60 + 144 + 2
+    assert len(names([])) == len(cli.all_cases()) == 60 + 144 + 2 + 3
 
 
 def test_filters_combine():
@@ -47,7 +48,7 @@ def test_comma_and_space_separated_lists_agree():
 def test_impl_filter_keeps_cases_that_have_it():
     got = cli.select_cases(cli.all_cases(), cli.parse_args(["--impl", "liger"]))
     assert got and all(LIGER in c.impls for c in got)
-    assert {c.family for c in got} == {"cross_entropy", "e2e"}
+    assert {c.family for c in got} == {"cross_entropy", "e2e", "linear_cross_entropy"}
     assert cli.parse_args(["--impl", "eager,compile"]).impl == {TORCH, COMPILE}
 
 
