@@ -17,15 +17,18 @@ Two forward variants:
 
 from __future__ import annotations
 
-import math
+import contextlib
+import functools
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from . import _alloc
 from . import _ce_launch as launch
+from . import _ce_prep as prep
 from ._ce_validate import split_divisor, validate
-from ._runtime import acc_dtype, device_guard, host_reads_free
+from ._runtime import acc_dtype, device_guard, host_reads_free, split_f64
 
 
 def _loss_shape(input: Tensor, prob_target: bool, target: Tensor) -> list[int]:
@@ -34,98 +37,149 @@ def _loss_shape(input: Tensor, prob_target: bool, target: Tensor) -> list[int]:
     return list(target.shape)
 
 
-def _check_targets_in_range(target: Tensor, n_classes: int, ignore_index: int) -> None:
-    """A class index outside [0, C) that is not ignore_index is an error, never an address.
+# ---------------------------------------------------------------- per-shape decisions
 
-    CPU: raised here, at the call. CUDA: an asynchronous device-side assert (like
-    torch's own), so no host synchronisation; the kernel also writes NaN for such rows.
-    """
-    bad = (target != ignore_index) & ((target < 0) | (target >= n_classes))
-    if not host_reads_free(target.device):
-        torch._assert_async(~bad.any(), "fusedgrad.cross_entropy: target out of bounds")
-    elif bad.any():  # CPU: the host already has the data
-        raise ValueError(
-            f"fusedgrad.cross_entropy: `target` holds class indices outside [0, {n_classes}) "
-            f"that are not ignore_index={ignore_index}"
-        )
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """What a call does, decided once per (shapes, strides, dtypes, reduction, ...)."""
+
+    n_rows: int
+    n_inner: int
+    n_classes: int
+    prob_target: bool
+    acc: torch.dtype
+    rows_shape: tuple[int, int, int]        # logits as (n_outer, n_inner, n_classes)
+    rows_stride: tuple[int, int, int]       # ... for the strides in the key
+    target_rows_shape: tuple[int, ...]      # target as (n_outer, n_inner[, n_classes])
+    target_rows_stride: tuple[int, ...]
+    target_to_int64: bool
+    loss_shape: tuple[int, ...]             # reduction="none"
+    divisor_mode: int                       # kernels/ce_prep.py DIVISOR_*
+    weight_sum: bool                        # the prep kernel sums the class weights
 
 
-def _sum_divisor(divisor: Tensor | None, divisor_value: float | None,
-                 acc: torch.dtype) -> Tensor | float | None:
-    """The reduction="sum" divisor in the accumulation dtype (a device tensor or a float)."""
+@functools.lru_cache(maxsize=512)
+def _plan(in_shape, in_stride, in_dtype, t_shape, t_stride, t_dtype, has_weight, reduction,
+          smoothing, divisor_kind) -> _Plan:
+    """Per-shape decisions (no tensor data is read). divisor_kind: None, "host", "device"."""
+    meta = torch.empty_strided(in_shape, in_stride, dtype=in_dtype, device="meta")
+    target = torch.empty_strided(t_shape, t_stride, dtype=t_dtype, device="meta")
+    prob_target = t_dtype.is_floating_point
+    rows = launch.rows_view(meta, class_dim=True)
+    target_rows = launch.rows_view(target, class_dim=prob_target)
+    if prob_target:
+        mode = prep.DIVISOR_N_ROWS if reduction == "mean" else prep.DIVISOR_ONE
+    elif reduction == "mean":
+        mode = prep.DIVISOR_VALID_ROWS
+    else:
+        mode = prep.DIVISOR_ONE
+    if divisor_kind == "host":
+        mode = prep.DIVISOR_HOST
+    elif divisor_kind == "device":
+        mode = prep.DIVISOR_DEVICE
+    return _Plan(
+        n_rows=rows.shape[0] * rows.shape[1], n_inner=rows.shape[1], n_classes=rows.shape[2],
+        prob_target=prob_target, acc=acc_dtype(in_dtype),
+        rows_shape=tuple(rows.shape), rows_stride=rows.stride(),
+        target_rows_shape=tuple(target_rows.shape), target_rows_stride=target_rows.stride(),
+        target_to_int64=not prob_target and t_dtype != torch.int64,
+        loss_shape=tuple(_loss_shape(meta, prob_target, target)),
+        divisor_mode=mode, weight_sum=has_weight and smoothing,
+    )
+
+
+def _plan_of(input: Tensor, target: Tensor, weight: Tensor | None, reduction: str,
+             label_smoothing: float, divisor_kind: str | None = None) -> _Plan:
+    return _plan(input.shape, input.stride(), input.dtype, target.shape, target.stride(),
+                 target.dtype, weight is not None, reduction, label_smoothing != 0,
+                 divisor_kind)
+
+
+_NO_GUARD = contextlib.nullcontext()
+
+
+def _guard(t: Tensor):
+    """Make t's CUDA device current while launching (nothing to do on CPU)."""
+    return device_guard(t) if t.is_cuda else _NO_GUARD
+
+
+def _rows(t: Tensor, plan: _Plan, in_stride) -> Tensor:
+    """t as (n_outer, n_inner, n_classes): a cheap as_strided when t has the planned
+    strides (the logits, and a gradient buffer allocated like them), else rows_view."""
+    if t.stride() == in_stride:
+        return t.as_strided(plan.rows_shape, plan.rows_stride)
+    return launch.rows_view(t, class_dim=True)
+
+
+# ---------------------------------------------------------------- forward
+
+def _divisor_kind(divisor: Tensor | None, divisor_value: float | None) -> str | None:
+    """How the reduction="sum" divisor reaches the prep kernel: "device", "host" or None."""
     if divisor is not None:
-        return divisor.to(acc)
-    return divisor_value
+        return "device"
+    return "host" if divisor_value is not None else None
 
 
 def _forward_into(input: Tensor, target: Tensor, weight: Tensor | None, grad: Tensor | None,
                   ignore_index: int, reduction: str, label_smoothing: float, z_loss: float,
                   softcap: float | None, divisor: Tensor | None = None,
-                  divisor_value: float | None = None) -> Tensor:
-    """Run the fused kernel; returns the reduced (or per-row) loss in input's dtype.
+                  divisor_value: float | None = None, *, plan: _Plan | None = None,
+                  rows_geometry_out: list | None = None) -> Tensor:
+    """Run the prep, fused and finishing kernels; returns the reduced (or per-row) loss in
+    input's dtype. Three launches (two with reduction="none"), no other device op in the
+    common case, and no host synchronisation.
 
     ``divisor`` (0-dim tensor on input's device) or ``divisor_value`` (host float), only
     with reduction="sum": the loss is sum / divisor and the gradient is written already
     divided by it, read on the device (never on the host).
     """
-    prob_target = target.is_floating_point()
-    n_classes = input.shape[1] if input.dim() > 1 else input.shape[0]
-    acc = acc_dtype(input.dtype)
+    if plan is None:
+        plan = _plan_of(input, target, weight, reduction, label_smoothing,
+                        _divisor_kind(divisor, divisor_value))
+    acc = plan.acc
     device = input.device
-    logits3 = launch.rows_view(input, class_dim=True)
-    target_v = launch.rows_view(target, class_dim=prob_target)
-    if not prob_target:
-        _check_targets_in_range(target, n_classes, ignore_index)
-        if target_v.dtype != torch.int64:
-            target_v = target_v.to(torch.int64)
-    n_rows = logits3.shape[0] * logits3.shape[1]
-    w = weight.to(acc).contiguous() if weight is not None else None
+    in_stride = input.stride()
+    logits_rows = input.as_strided(plan.rows_shape, plan.rows_stride)
+    target_rows = target.as_strided(plan.target_rows_shape, plan.target_rows_stride)
+    if weight is not None:
+        weight = weight.to(acc).contiguous()
 
-    # [gradient scale, sum of class weights], computed on the device from fills and
-    # device tensors only: a Python float assigned to an element of a device tensor
-    # would be a blocking host-to-device copy.
-    scale = torch.ones((), dtype=acc, device=device)
-    w_sum = w.sum() if w is not None else torch.full((), n_classes, dtype=acc, device=device)
-    sum_divisor = _sum_divisor(divisor, divisor_value, acc)
-    if isinstance(sum_divisor, Tensor):
-        scale = 1.0 / sum_divisor
-    elif sum_divisor is not None:
-        inv = 1.0 / sum_divisor if sum_divisor else math.copysign(math.inf, sum_divisor)
-        scale = torch.full((), inv, dtype=acc, device=device)
-    divisor = None
-    if reduction == "mean":
-        if prob_target:
-            scale = torch.full((), 1.0 / n_rows if n_rows else float("inf"), dtype=acc,
-                               device=device)
-        else:
-            valid = target_v != ignore_index
-            if w is not None:
-                safe = torch.where(valid, target_v, 0).clamp_(0, n_classes - 1)
-                divisor = torch.where(valid, w[safe], 0).sum()
-            else:
-                divisor = valid.sum().to(acc)
-            scale = 1.0 / divisor
-    reduce_buf = torch.stack([scale, w_sum])
-
-    loss_rows = _alloc.empty(n_rows, dtype=acc, device=device)
-    lse_rows = _alloc.empty(n_rows, dtype=acc, device=device)
-    grad3 = launch.rows_view(grad, class_dim=True) if grad is not None else None
-    with device_guard(input):
+    # [scale, W, divisor, n_bad], all computed on the device. Where the host can read
+    # device memory for free (CPU tensors under the interpreter) it checks n_bad and
+    # raises; elsewhere the prep kernel's device assert fires.
+    host_check = host_reads_free(device) and not plan.prob_target
+    if host_check:
+        reduce_buf = torch.zeros(prep.REDUCE_SLOTS, dtype=acc, device=device)
+    else:
+        reduce_buf = _alloc.empty(prep.REDUCE_SLOTS, dtype=acc, device=device)
+    divisor_hi, divisor_lo = split_f64(divisor_value) if divisor_value is not None else (1.0, 0.0)
+    with _guard(input):
+        prep.launch_prep(
+            target_rows, weight, divisor, reduce_buf, n_rows=plan.n_rows, n_inner=plan.n_inner,
+            n_classes=plan.n_classes, target_strides=plan.target_rows_stride[:2],
+            ignore_index=ignore_index, divisor_hi=divisor_hi, divisor_lo=divisor_lo,
+            class_target=not plan.prob_target, weight_sum=plan.weight_sum,
+            divisor_mode=plan.divisor_mode)
+        if host_check and reduce_buf[prep.SLOT_N_BAD].item() != 0:
+            raise ValueError(
+                f"fusedgrad.cross_entropy: `target` holds class indices outside "
+                f"[0, {plan.n_classes}) that are not ignore_index={ignore_index}")
+        if plan.target_to_int64:
+            target_rows = target_rows.to(torch.int64)
+        loss_rows = _alloc.empty(plan.n_rows, dtype=acc, device=device)
+        lse_rows = _alloc.empty(plan.n_rows, dtype=acc, device=device)
+        grad_rows = _rows(grad, plan, in_stride) if grad is not None else None
+        if rows_geometry_out is not None and grad_rows is not None:
+            rows_geometry_out.append((grad_rows.shape, grad_rows.stride()))
         launch.launch_fwd_bwd(
-            logits3, grad3, target_v, w, loss_rows, lse_rows, reduce_buf,
+            logits_rows, grad_rows, target_rows, weight, loss_rows, lse_rows, reduce_buf,
             ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss,
-            softcap=softcap, prob_target=prob_target, write_grad=grad is not None)
-
-    if reduction == "none":
-        return loss_rows.view(_loss_shape(input, prob_target, target)).to(input.dtype)
-    total = loss_rows.sum()
-    if reduction == "sum":
-        if sum_divisor is not None:
-            total = total / sum_divisor
-        return total.to(input.dtype)
-    if prob_target:
-        return (total / n_rows).to(input.dtype)
-    return (total / divisor).to(input.dtype)
+            softcap=softcap, prob_target=plan.prob_target, write_grad=grad is not None)
+        if reduction == "none":
+            return loss_rows.view(plan.loss_shape).to(input.dtype)
+        out = _alloc.empty((), dtype=input.dtype, device=device)
+        prep.launch_finish(loss_rows, reduce_buf, out, plan.n_rows)
+    return out
 
 
 # ---------------------------------------------------------------- custom ops
@@ -171,14 +225,18 @@ def _(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, s
     return input.new_empty(shape)
 
 
-def _rescale_in_place(grad: Tensor, grad_output: Tensor) -> None:
-    grad3 = launch.rows_view(grad, class_dim=True)
+def _rescale_in_place(grad: Tensor, grad_output: Tensor, rows_geometry=None) -> None:
+    """grad *= grad_output; rows_geometry: (shape, stride) of grad as rows, when known."""
+    if rows_geometry is not None:
+        grad3 = grad.as_strided(*rows_geometry)
+    else:
+        grad3 = launch.rows_view(grad, class_dim=True)
     go = grad_output
     if go.dim() > 0:
         # (N, d1..dk) -> (N, S): a view when the strides allow, else an O(rows) copy
         # (autograd may hand over e.g. an expanded tensor with strides (4, 0, 1)).
         go = go.reshape(grad3.shape[0], grad3.shape[1])
-    with device_guard(grad):
+    with _guard(grad):
         launch.launch_scale_grad(grad3, go)
 
 
@@ -213,7 +271,7 @@ def _scaled_grad(ctx, grad_output: Tensor) -> Tensor:
             # Eager: launch directly. Through the custom op the declared mutation would
             # bump the buffer's version and a retained graph's second backward would then
             # refuse to unpack it; nothing else holds this buffer.
-            _rescale_in_place(grad, grad_output)
+            _rescale_in_place(grad, grad_output, getattr(ctx, "grad_rows_geometry", None))
         else:
             # Traced by torch.compile (fake/functional tensors): the op, so the
             # mutation is visible to functionalization.
@@ -307,23 +365,38 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None,
     The gradient is computed in the forward kernel whenever ``input`` requires grad;
     backward rescales it by grad_output (free when grad_output is 1).
     """
-    validate(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
-             inplace_backward)
+    compiling = torch.compiler.is_compiling()
+    if compiling:
+        mergeable = None  # traced once per graph: no caching (sizes may be symbolic)
+    else:
+        key = _call_key(input, target, weight, ignore_index, reduction, label_smoothing,
+                        z_loss, softcap, inplace_backward)
+        mergeable = _CHECKED.get(key) if key is not None else None
+    if mergeable is None:
+        validate(input, target, weight, ignore_index, reduction, label_smoothing, z_loss,
+                 softcap, inplace_backward)
+        mergeable = (launch.spatial_dims_mergeable(input, True),
+                     launch.spatial_dims_mergeable(target, target.is_floating_point()))
+        if not compiling and key is not None:
+            if len(_CHECKED) >= _CHECKED_MAX:
+                _CHECKED.clear()
+            _CHECKED[key] = mergeable
     divisor, divisor_value = split_divisor(divisor, reduction, input.device)
     softcap = float(softcap) if softcap is not None else None
     label_smoothing = float(label_smoothing)
     z_loss = float(z_loss)
     # Spatial dims whose strides cannot be merged into one row index (rare: e.g. H and W
     # transposed) are made contiguous; autograd carries the gradient back through the copy.
-    if not launch.spatial_dims_mergeable(input, True):
+    if not mergeable[0]:
         input = input.contiguous()
-    if not launch.spatial_dims_mergeable(target, target.is_floating_point()):
+    if not mergeable[1]:
         target = target.contiguous()
-    needs_grad = torch.is_grad_enabled() and input.requires_grad
-    if target.is_floating_point() and target.requires_grad and torch.is_grad_enabled():
+    grad_mode = torch.is_grad_enabled()
+    needs_grad = grad_mode and input.requires_grad
+    if grad_mode and target.requires_grad and target.is_floating_point():
         raise ValueError("fusedgrad.cross_entropy: gradients with respect to probability "
                          "`target` are not supported; pass target.detach()")
-    if weight is not None and weight.requires_grad and torch.is_grad_enabled():
+    if weight is not None and weight.requires_grad and grad_mode:
         raise ValueError("fusedgrad.cross_entropy: gradients with respect to `weight` are not "
                          "supported (torch does not compute them either); pass "
                          "weight.detach()")
@@ -346,14 +419,86 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None,
     # Under torch.compile the functional op is used even with inplace_backward: Dynamo
     # cannot trace an autograd.Function that marks its input dirty, and the compiler
     # plans (and reuses) buffers itself. Eager mode honours the flag.
-    if inplace_backward and needs_grad and not torch.compiler.is_compiling():
+    if inplace_backward and needs_grad and not compiling:
         return _InplaceCrossEntropy.apply(input, target, weight, ignore_index, reduction,
                                           label_smoothing, z_loss, softcap, divisor,
                                           divisor_value)
+    if not compiling and _direct_call_ok(input, target, weight):
+        # Plain eager tensors: the custom op's dispatch buys nothing here (it exists for
+        # torch.compile, fake tensors and other dispatch modes), so skip it.
+        plan = _plan_of(input, target, weight, reduction, label_smoothing,
+                        _divisor_kind(divisor, divisor_value))
+        if needs_grad:
+            return _CrossEntropyFunction.apply(input, target, weight, ignore_index, reduction,
+                                               label_smoothing, z_loss, softcap, divisor,
+                                               divisor_value, plan)
+        return _forward_into(input, target, weight, None, ignore_index, reduction,
+                             label_smoothing, z_loss, softcap, divisor, divisor_value,
+                             plan=plan)
     loss, _ = torch.ops.fusedgrad.cross_entropy_fwd(
         input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
         needs_grad, divisor, divisor_value)
     return loss
+
+
+# Argument checks that passed, keyed by everything they read: the tensors' metadata and
+# the scalar arguments with their types (True == 1 but only one is a valid ignore_index).
+# The value: whether input and target can be viewed as rows without a copy.
+_CHECKED: dict = {}
+_CHECKED_MAX = 1024
+
+
+def _call_key(input, target, weight, ignore_index, reduction, label_smoothing, z_loss,
+              softcap, inplace_backward):
+    """Hashable metadata of a call, or None (e.g. a non-tensor argument: validate says why)."""
+    try:
+        w = None if weight is None else (weight.shape, weight.stride(), weight.dtype,
+                                          weight.device, type(weight))
+        key = (input.shape, input.stride(), input.dtype, input.device, type(input),
+               target.shape, target.stride(), target.dtype, target.device, type(target), w,
+               ignore_index, type(ignore_index), reduction, type(reduction),
+               label_smoothing, type(label_smoothing), z_loss, type(z_loss),
+               softcap, type(softcap), inplace_backward, type(inplace_backward))
+        hash(key)
+    except (AttributeError, TypeError):
+        return None
+    return key
+
+
+def _direct_call_ok(input, target, weight) -> bool:
+    """Eager call on plain tensors with no dispatch mode or functorch transform active."""
+    return (type(input) in _PLAIN and type(target) in _PLAIN
+            and (weight is None or type(weight) in _PLAIN)
+            and not torch._C._len_torch_dispatch_stack()
+            and not torch._C._functorch.is_functorch_wrapped_tensor(input))
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+class _CrossEntropyFunction(torch.autograd.Function):
+    """Eager autograd of the functional op without the custom-op dispatch (same
+    forward, same backward as ``cross_entropy_fwd`` + ``register_autograd``)."""
+
+    @staticmethod
+    def forward(ctx, input, target, weight, ignore_index, reduction, label_smoothing, z_loss,
+                softcap, divisor, divisor_value, plan):
+        grad = _alloc.empty_like(input)
+        geometry = []
+        loss = _forward_into(input, target, weight, grad, ignore_index, reduction,
+                             label_smoothing, z_loss, softcap, divisor, divisor_value,
+                             plan=plan, rows_geometry_out=geometry)
+        ctx.grad_rows_geometry = geometry[0] if geometry else None
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(grad)
+        ctx.applied_grad_output = None
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        if grad_loss is None:
+            return (None,) * 11
+        return (_scaled_grad(ctx, grad_loss),) + (None,) * 10
 
 
 class CrossEntropyLoss(torch.nn.CrossEntropyLoss):

@@ -1,0 +1,55 @@
+"""Launchers of the kernels around the fused cross-entropy kernel (kernels/ce_prep.py):
+the prep kernel (divisor, gradient scale, weight sum, class-index range check) and the
+finishing reduction."""
+
+from __future__ import annotations
+
+import torch
+
+from .kernels import ce_prep as prep_kernels
+from .kernels.ce_prep import (  # noqa: F401  (re-exported for ops/cross_entropy.py)
+    DIVISOR_DEVICE,
+    DIVISOR_HOST,
+    DIVISOR_N_ROWS,
+    DIVISOR_ONE,
+    DIVISOR_VALID_ROWS,
+    REDUCE_SLOTS,
+    SLOT_N_BAD,
+)
+
+# Rows (or classes) per step of the one-program loops: 1024 int64 targets is 8 KB per
+# step, enough loads in flight for one SM; 4 warps give 8 values per thread.
+PREP_BLOCK = 1024
+PREP_NUM_WARPS = 4
+FINISH_BLOCK = 1024
+FINISH_NUM_WARPS = 4
+
+
+def launch_prep(target_rows, weight, divisor, reduce_buf, *, n_rows: int, n_inner: int,
+                n_classes: int, target_strides: tuple[int, int], ignore_index: int,
+                divisor_hi: float, divisor_lo: float, class_target: bool, weight_sum: bool,
+                divisor_mode: int) -> None:
+    """Fill reduce_buf (REDUCE_SLOTS,) = [scale, W, divisor, n_bad] (see the kernel).
+
+    target_rows: class indices (any integer dtype), addressed with target_strides as
+    (outer, inner); any tensor when not class_target. weight: (n_classes,) or None.
+    divisor: 0-dim device tensor (DIVISOR_DEVICE) or None.
+    """
+    has_weight = weight is not None
+    prep_kernels.ce_prep_kernel[(1,)](
+        target_rows, weight if has_weight else reduce_buf,
+        divisor if divisor is not None else reduce_buf, reduce_buf,
+        n_rows, n_inner, n_classes,
+        target_strides[0], target_strides[1], weight.stride(0) if has_weight else 0,
+        ignore_index, divisor_hi, divisor_lo,
+        CLASS_TARGET=class_target, HAS_WEIGHT=has_weight, WEIGHT_SUM=weight_sum,
+        DIVISOR_MODE=divisor_mode, IS_FP64=reduce_buf.dtype == torch.float64,
+        BLOCK=PREP_BLOCK, num_warps=PREP_NUM_WARPS,
+    )
+
+
+def launch_finish(loss_rows, reduce_buf, out, n_rows: int) -> None:
+    """out (0-dim, any float dtype) = sum(loss_rows) / reduce_buf's divisor."""
+    prep_kernels.ce_finish_kernel[(1,)](
+        loss_rows, reduce_buf, out, n_rows, BLOCK=FINISH_BLOCK, num_warps=FINISH_NUM_WARPS,
+    )
