@@ -12,11 +12,10 @@ Bytes models (next to the benchmark, as the README promises):
 * ``minimal_bytes`` -- what any implementation must move, used for every record's GB/s:
   forward+backward reads the N x V logits once and writes the N x V gradient once;
   forward only reads the logits once. Plus the int64 targets and the scalar loss.
-* ``fused_kernel_bytes`` -- what fusedgrad's kernel moves by its design: a row that fits
-  on chip (V <= ``CE_SINGLE_BLOCK_MAX_V``) is read once and its gradient written in the
-  same pass (= the minimum); a longer row is read twice (online max/sum, then the
-  gradient pass) and written once. Forward only: one read (the gradient store is off).
-  With ``grad_output == 1`` (plain ``loss.backward()``) the backward moves nothing.
+* ``fused_kernel_bytes`` -- what fusedgrad's kernels move by their design, from the
+  launcher's own plan (``bench/plan_ce.py``, which ``python -m bench plan`` prints): the
+  path it takes for this shape decides whether a logit is read once or twice. With
+  ``grad_output == 1`` (plain ``loss.backward()``) the backward moves nothing.
 
 Inplace note: with ``inplace_backward`` (and Liger) each timed call overwrites its
 logits with the gradient, so later calls see gradient values as logits. The work per
@@ -47,9 +46,6 @@ ROWS = (4096, 8192, 16384)
 VOCABS = (32000, 50257, 128256, 151936, 256000)
 DTYPES = ("bf16", "fp32")
 MODES = ("fwd+bwd", "fwd")
-# Longest row fusedgrad's kernel keeps on chip in one block (elements); longer rows
-# take the two-pass path. Keep in step with ops/_ce_launch.py.
-CE_SINGLE_BLOCK_MAX_V = 32768
 # --quick: the LM-typical case in both modes (each torch.compile peer costs a fresh
 # compilation, which dominates --quick's 3-minute budget).
 QUICK = {("bf16", 8192, 128256, "fwd+bwd"), ("bf16", 8192, 128256, "fwd")}
@@ -65,12 +61,9 @@ def minimal_bytes(n_rows: int, vocab: int, dtype: str, mode: str) -> int:
 
 
 def fused_kernel_bytes(n_rows: int, vocab: int, dtype: str, mode: str) -> int:
-    logits = n_rows * vocab * dtype_size(dtype)
-    small = n_rows * TARGET_BYTES + LOSS_BYTES
-    if mode == "fwd":
-        return logits + small
-    reads = 1 if vocab <= CE_SINGLE_BLOCK_MAX_V else 2
-    return (reads + 1) * logits + small
+    from .plan_ce import fused_hbm_bytes
+
+    return fused_hbm_bytes(n_rows, vocab, dtype, mode)
 
 
 def case_name(dtype: str, n_rows: int, vocab: int, mode: str) -> str:

@@ -12,6 +12,10 @@ For each case it reports, per call of the op (forward, or forward + backward):
   on the same tiny CPU input (its kernels run, but on inputs this small they cost
   next to nothing), and the ratio.
 
+fusedgrad's ops take the branches a CUDA run takes (``device_branches``: e.g. no
+CPU-only eager check of the targets), so the counts and times are those of the CUDA
+host path, minus Triton's own launch overhead (stubbed).
+
 Cases come from one module per op family (``bench/host_<op>.py``, each exposing
 ``CASES``: a list of :class:`HostCase`), so each op's owner keeps its own list.
 """
@@ -53,11 +57,32 @@ class _LaunchCounter:
     def __init__(self):
         self.count = 0
         self.names: list[str] = []
+        # With record=True: (kernel, grid, args, keyword args) of every launch, in order,
+        # tensors replaced by ArgTensor (no reference kept: a kept gradient buffer would
+        # change what autograd does, e.g. copy instead of steal a leaf's gradient).
+        self.calls: list[tuple] = []
+
+
+@dataclass(frozen=True)
+class ArgTensor:
+    """What a launch sees of a tensor argument: its dtype and 16-byte alignment."""
+
+    dtype: object
+    aligned16: bool
+
+
+def _arg_summary(value):
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return ArgTensor(value.dtype, value.data_ptr() % 16 == 0)
+    return value
 
 
 @contextlib.contextmanager
-def stubbed_launches():
-    """Count Triton launches and skip their execution (interpreter or compiled)."""
+def stubbed_launches(record: bool = False):
+    """Count Triton launches and skip their execution (interpreter or compiled);
+    with record, also keep a summary of each launch (``counter.calls``)."""
     from triton.runtime import jit
 
     counter = _LaunchCounter()
@@ -66,6 +91,9 @@ def stubbed_launches():
     def stub(self, *args, grid=None, warmup=False, **kwargs):
         counter.count += 1
         counter.names.append(getattr(self, "__name__", "?"))
+        if record:
+            counter.calls.append((self, grid, tuple(_arg_summary(a) for a in args),
+                                  {k: _arg_summary(v) for k, v in kwargs.items()}))
         return None
 
     classes = [jit.JITFunction]
@@ -116,9 +144,22 @@ def _median_us(fn, inputs_fn, reps: int) -> float:
     return statistics.median(times)
 
 
+@contextlib.contextmanager
+def device_branches():
+    """Ops take the branches a CUDA run takes (no CPU-only eager data checks): what is
+    counted and timed is the CUDA host path (see fusedgrad._runtime.host_reads_free)."""
+    from fusedgrad import _runtime
+
+    old, _runtime._CPU_AS_DEVICE = _runtime._CPU_AS_DEVICE, True
+    try:
+        yield
+    finally:
+        _runtime._CPU_AS_DEVICE = old
+
+
 def measure(case: HostCase, reps: int = 50) -> dict:
     """Launches, other device ops and host microseconds of one call, vs torch."""
-    with stubbed_launches() as launches:
+    with stubbed_launches() as launches, device_branches():
         case.fused(case.make())  # warm: caches, first-call imports
         n0 = launches.count
         case.fused(case.make())

@@ -53,3 +53,13 @@ def launch_finish(loss_rows, reduce_buf, out, n_rows: int) -> None:
     prep_kernels.ce_finish_kernel[(1,)](
         loss_rows, reduce_buf, out, n_rows, BLOCK=FINISH_BLOCK, num_warps=FINISH_NUM_WARPS,
     )
+
+
+def plan_host_kernels(n_rows: int, reduction: str) -> list[tuple[str, tuple, dict]]:
+    """[(kernel name, grid, constexprs)] this module launches for one call, in order: the
+    prep kernel always, the finishing reduction unless reduction="none" (bench plan)."""
+    kernels = [("ce_prep_kernel", (1,), {"BLOCK": PREP_BLOCK, "num_warps": PREP_NUM_WARPS})]
+    if reduction != "none":
+        kernels.append(("ce_finish_kernel", (1,),
+                        {"BLOCK": FINISH_BLOCK, "num_warps": FINISH_NUM_WARPS}))
+    return kernels

@@ -45,17 +45,25 @@ def test_e2e_steps():
     assert rn.layout == "channels_last" and rn.dtype == "bf16"
 
 
-@pytest.mark.parametrize("vocab", [32000, 256000])  # on either side of the single-block limit
+# Around the launcher's single-block limit (16384 classes: one read either side only if the
+# long-row path is the one-read split path) and the LLM vocabularies.
+@pytest.mark.parametrize("vocab", [16384, 16385, 32000, 256000])
 def test_cross_entropy_bytes(vocab):
+    from bench import plan_ce
+
     n, e = 8192, 2
     logits = n * vocab * e
     small = n * 8 + 4
     assert cross_entropy.minimal_bytes(n, vocab, "bf16", "fwd+bwd") == 2 * logits + small
     assert cross_entropy.minimal_bytes(n, vocab, "bf16", "fwd") == logits + small
-    reads = 1 if vocab <= cross_entropy.CE_SINGLE_BLOCK_MAX_V else 2
+    # fusedgrad's own model is the launcher's plan (tests/test_bench_plan_ce.py checks the
+    # plan against what the launcher really launches).
+    plan = plan_ce.launcher_plan(n, vocab, "bf16", "fwd+bwd")
+    per_logit = {"single": 2, "split": 2, "two_pass": 3}[plan.path]
+    rows = 2 * n * plan_ce.TARGET_BYTES + 3 * n * plan_ce.LOSS_BYTES
     assert cross_entropy.fused_kernel_bytes(n, vocab, "bf16", "fwd+bwd") == \
-        (reads + 1) * logits + small
-    assert cross_entropy.fused_kernel_bytes(n, vocab, "bf16", "fwd") == logits + small
+        per_logit * logits + rows
+    assert cross_entropy.fused_kernel_bytes(n, vocab, "bf16", "fwd") == logits + rows
 
 
 def test_batch_norm_bytes():

@@ -310,6 +310,7 @@ def test_cpu_target_check_is_a_host_read():
     with watcher:
         fg.cross_entropy(x.detach(), t)
     assert watcher.problems and all("is_nonzero" in p or "_local_scalar_dense" in p
+                                    or "aten.item" in p
                                     for p in watcher.problems), watcher.problems
 
 
@@ -325,8 +326,9 @@ def test_device_branch_target_check_asserts():
     finally:
         _runtime._CPU_AS_DEVICE = old
     assert torch.isnan(loss)
-    src = pathlib.Path(fg.__file__).parent / "kernels" / "ce_prep.py"
-    assert "tl.device_assert(n_bad == 0" in src.read_text()
+    from fusedgrad.kernels import ce_prep
+
+    assert "tl.device_assert(n_bad == 0" in pathlib.Path(ce_prep.__file__).read_text()
 
 
 @pytest.fixture
