@@ -37,6 +37,23 @@ def _loss_shape(input: Tensor, prob_target: bool, target: Tensor) -> list[int]:
     return list(target.shape)
 
 
+def _check_targets_in_range(target: Tensor, n_classes: int, ignore_index: int) -> None:
+    """A class index outside [0, C) that is not ignore_index is an error, never an address.
+
+    For callers without a prep kernel (fg.linear_cross_entropy); cross_entropy's own check
+    runs in kernels/ce_prep.py. CPU: raised here, at the call. CUDA: an asynchronous
+    device-side assert (like torch's own), so no host synchronisation.
+    """
+    bad = (target != ignore_index) & ((target < 0) | (target >= n_classes))
+    if not host_reads_free(target.device):
+        torch._assert_async(~bad.any(), "fusedgrad.cross_entropy: target out of bounds")
+    elif bad.any():  # CPU: the host already has the data
+        raise ValueError(
+            f"fusedgrad.cross_entropy: `target` holds class indices outside [0, {n_classes}) "
+            f"that are not ignore_index={ignore_index}"
+        )
+
+
 # ---------------------------------------------------------------- per-shape decisions
 
 @dataclass(frozen=True, slots=True)
