@@ -9,9 +9,10 @@
     results = run_workers(2, _body, (4, 3))   # [result of rank 0, result of rank 1]
 
 The children are spawned (not forked), set ``TRITON_INTERPRET=1`` before anything imports
-Triton, join a gloo process group on a free localhost port, run ``fn(rank, world_size,
-*args)`` and send back its return value. A child's exception fails the parent with the
-child's traceback; a child that hangs is killed after ``timeout`` seconds.
+Triton (patched for numpy >= 2.4 by tests/_interp_compat.py; where that cannot work the
+test skips with the reason), join a gloo process group on a free localhost port, run
+``fn(rank, world_size, *args)`` and send back its return value. A child's exception fails
+the parent with the child's traceback; a child that hangs is killed after ``timeout`` seconds.
 """
 
 import os
@@ -38,8 +39,11 @@ def _child(rank: int, world_size: int, port: int, payload: bytes, results) -> No
         # test modules may import fusedgrad before helpers/conftest.
         import torch.distributed as dist
 
+        import _interp_compat
         import conftest  # noqa: F401
 
+        if not _interp_compat.apply():
+            raise RuntimeError(_interp_compat.reason())
         fn, args = pickle.loads(payload)
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                                 world_size=world_size)
@@ -58,7 +62,15 @@ def _child(rank: int, world_size: int, port: int, payload: bytes, results) -> No
 def run_workers(world_size: int, fn, *args, timeout: float = 120.0) -> list:
     """Run ``fn(rank, world_size, *args)`` in ``world_size`` gloo processes; return the
     per-rank return values (rank order). ``fn`` and ``args`` must be picklable (``fn``
-    defined at module level)."""
+    defined at module level). Skips the calling test, with the reason, where Triton's
+    interpreter cannot run (tests/_interp_compat.py), e.g. on a CUDA machine whose numpy
+    is too new for its Triton's interpreter."""
+    import _interp_compat
+
+    if not _interp_compat.usable():
+        import pytest
+
+        pytest.skip(_interp_compat.reason())
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     payload = pickle.dumps((fn, args))

@@ -15,6 +15,11 @@ import torch  # noqa: E402  (torch does not import triton at import time)
 
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
+if os.environ.get("TRITON_INTERPRET") == "1":
+    import _interp_compat  # noqa: E402
+
+    # numpy >= 2.4 with Triton 3.6's interpreter (see tests/_interp_compat.py).
+    INTERPRETER_USABLE = _interp_compat.apply()
 
 import pytest  # noqa: E402
 
