@@ -549,7 +549,7 @@ class LinearCrossEntropyLoss(torch.nn.Module):
 def largest_intermediate_bytes(n_rows: int, hidden: int, n_classes: int, dtype: torch.dtype,
                                chunk_size: int | None = None) -> dict[str, int]:
     """The memory model: bytes of the chunk buffer and the fp32 weight accumulator."""
-    elem = torch.empty((), dtype=dtype).element_size()
+    elem = dtype.itemsize
     rows = chunk_rows(n_rows, hidden, n_classes, chunk_size)
     acc = 0 if dtype in (torch.float32, torch.float64) else n_classes * hidden * 4
     return {"chunk_rows": rows, "chunk_logits": rows * n_classes * elem,
