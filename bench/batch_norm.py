@@ -14,9 +14,21 @@ Bytes models (M = N*C*H*W elements of e bytes; the per-channel terms are tiny):
   statistics pass and a normalise pass) and write y (3*M*e). Backward: read x and dy
   to reduce sum(dy) and sum(dy*x_hat) per channel, then read x and dy again and write
   dx (5*M*e); forward+backward 8*M*e.
+
+Fused epilogues (training fwd+bwd, ResNet-50's shapes): ``bn+relu`` is
+``relu(batch_norm(x))`` and ``bn+add+relu`` is ``relu(batch_norm(x) + r)`` (the bottleneck's
+last norm with its shortcut r). fusedgrad runs one ``fusedgrad.batch_norm(...,
+activation="relu", residual=r)``; torch eager runs F.batch_norm, add and relu; torch.compile
+compiles that code. Minimal bytes: BN+ReLU 5*M*e as plain BN (the ReLU's mask is recomputed,
+never stored); BN+add+ReLU 7*M*e (r read, its gradient written). fusedgrad's kernel bytes come
+from the launcher's ``plan_batch_norm`` (``python -m bench plan --op bn``). Rows: bf16 and
+fp16 channels_last, fp32 contiguous; with fp16 input and fp32 weights torch runs cuDNN's
+BatchNorm (its own peer row), with bf16 its native kernel.
 """
 
 from __future__ import annotations
+
+from functools import partial
 
 from .common import (
     COMPILE,
@@ -52,6 +64,11 @@ QUICK = {
 }
 
 
+# (name, activation, residual) of the fused epilogue cases, and their (dtype, layout) rows.
+EPILOGUES = (("bn+relu", "relu", False), ("bn+add+relu", "relu", True))
+EPILOGUE_ROWS = (("bf16", "channels_last"), ("fp16", "channels_last"), ("fp32", "contiguous"))
+
+
 def shapes() -> list[tuple[int, int, int, int]]:
     out = [(n, c, hw, hw) for n in RESNET_BATCHES for c, hw in RESNET50_BN]
     return out + list(FEW_CHANNEL)
@@ -69,9 +86,30 @@ def fused_kernel_bytes(shape, dtype: str, mode: str) -> int:
     return (8 * m if mode == "fwd+bwd" else 3 * m) + c * PER_CHANNEL_BYTES
 
 
-def case_name(dtype: str, layout: str, shape, mode: str) -> str:
+def epilogue_minimal_bytes(shape, dtype: str, residual: bool) -> int:
+    """Training fwd+bwd of act(bn(x) (+ r)): x, y, dy, x, dx (and r, dr)."""
+    n, c, h, w = shape
+    m = n * c * h * w * dtype_size(dtype)
+    return (7 if residual else 5) * m + c * PER_CHANNEL_BYTES
+
+
+def epilogue_kernel_bytes(shape, dtype: str, layout: str, activation: str, residual: bool):
+    """What fusedgrad's kernels move for a training fwd+bwd, by the launcher's plan (None
+    where this checkout's launcher has no plan_batch_norm)."""
+
+    from fusedgrad import _bn_launch
+
+    plan_fn = getattr(_bn_launch, "plan_batch_norm", None)
+    if plan_fn is None:
+        return None
+    plan = plan_fn(shape, torch_dtype(dtype), channels_last=(layout == "channels_last"),
+                   activation=activation, residual=residual)
+    return plan.hbm_bytes(dtype_size(dtype)) + shape[1] * PER_CHANNEL_BYTES
+
+
+def case_name(dtype: str, layout: str, shape, mode: str, op: str = "bn") -> str:
     short = "cl" if layout == "channels_last" else "contig"
-    return f"bn {dtype} {short} {'x'.join(map(str, shape))} {mode}"
+    return f"{op} {dtype} {short} {'x'.join(map(str, shape))} {mode}"
 
 
 def cases() -> list[Case]:
@@ -87,6 +125,20 @@ def cases() -> list[Case]:
                         shape={"N": n, "C": c, "H": h, "W": w}, size=n * c * h * w,
                         quick=(dtype, layout, shape, mode) in QUICK,
                         impls=(FUSED, TORCH, COMPILE), run=run_case))
+    for op, activation, residual in EPILOGUES:
+        for dtype, layout in EPILOGUE_ROWS:
+            for n in RESNET_BATCHES:
+                for c, hw in RESNET50_BN:
+                    shape = (n, c, hw, hw)
+                    out.append(Case(
+                        family="batch_norm", name=case_name(dtype, layout, shape, "fwd+bwd", op),
+                        dtype=dtype, mode="fwd+bwd", layout=layout,
+                        shape={"N": n, "C": c, "H": hw, "W": hw}, size=n * c * hw * hw,
+                        quick=(dtype, layout, shape) == ("bf16", "channels_last",
+                                                         (64, 64, 56, 56)),
+                        impls=(FUSED, TORCH, COMPILE),
+                        run=partial(run_epilogue_case, activation=activation,
+                                    residual=residual)))
     return out
 
 
@@ -162,4 +214,74 @@ def run_case(case: Case, ctx: Context) -> list[dict]:
         records.append(run_impl(case, ctx, impl, make_inputs, step_of(bn_fn),
                                 set_bytes=set_bytes, min_bytes=min_bytes, bytes_model="minimal",
                                 leaves=leaves, kernel_bytes=kernel_bytes))
+    return records
+
+
+def run_epilogue_case(case: Case, ctx: Context, *, activation: str, residual: bool) -> list[dict]:
+    """Training fwd+bwd of act(bn(x) (+ r)); x and r enter as non-leaves (a conv's output
+    and the block's shortcut), weight and bias are leaves."""
+    import torch
+    import torch.nn.functional as F
+
+    shape = tuple(case.shape[k] for k in "NCHW")
+    n_channels = shape[1]
+    dtype = torch_dtype(case.dtype)
+    fmt = torch.channels_last if case.layout == "channels_last" else torch.contiguous_format
+    n_big = 4 if residual else 3  # x, dy (and r): tensor-sized inputs of one set
+    set_bytes = case.size * dtype_size(case.dtype) * n_big
+
+    def make_inputs():
+        def big():
+            return torch.randn(shape, device=ctx.device, dtype=dtype).to(memory_format=fmt)
+
+        s = {"x": big(), "dy": big(), "r": big() if residual else None,
+             "anchor": torch.zeros((), device=ctx.device, requires_grad=True),
+             "rm": torch.zeros(n_channels, device=ctx.device),
+             "rv": torch.ones(n_channels, device=ctx.device),
+             "w": (1.0 + 0.1 * torch.randn(n_channels, device=ctx.device)).requires_grad_(),
+             "b": (0.1 * torch.randn(n_channels, device=ctx.device)).requires_grad_()}
+        return s
+
+    def step_of(fn):
+        def step(s):
+            r = non_leaf(s["r"], s["anchor"]) if residual else None
+            y = fn(non_leaf(s["x"], s["anchor"]), r, s["rm"], s["rv"], s["w"], s["b"])
+            y.backward(s["dy"])
+            return y
+
+        return step
+
+    def torch_fn(x, r, rm, rv, w, b):
+        y = F.batch_norm(x, rm, rv, w, b, training=True, momentum=MOMENTUM, eps=EPS)
+        if r is not None:
+            y = y + r
+        return F.relu(y)
+
+    fg_bn, fg_reason = fused_op("batch_norm")
+    min_bytes = epilogue_minimal_bytes(shape, case.dtype, residual)
+    records = []
+    for impl in case.impls:
+        if impl not in ctx.impls:
+            continue
+        kernel_bytes = None
+        if impl == FUSED:
+            if fg_bn is None:
+                records.append(skipped(case, impl, fg_reason, status="unavailable"))
+                continue
+
+            def fn(x, r, rm, rv, w, b):
+                return fg_bn(x, rm, rv, w, b, training=True, momentum=MOMENTUM, eps=EPS,
+                             activation=activation, residual=r)
+
+            kernel_bytes = epilogue_kernel_bytes(shape, case.dtype, case.layout, activation,
+                                                 residual)
+        elif impl == TORCH:
+            fn = torch_fn
+        elif impl == COMPILE:
+            fn = compiled(torch_fn)
+        else:  # pragma: no cover
+            raise AssertionError(impl)
+        records.append(run_impl(case, ctx, impl, make_inputs, step_of(fn), set_bytes=set_bytes,
+                                min_bytes=min_bytes, bytes_model="minimal",
+                                leaves=lambda s: (s["w"], s["b"]), kernel_bytes=kernel_bytes))
     return records

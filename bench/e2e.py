@@ -8,6 +8,16 @@
   channels_last, bf16 autocast with fp32 parameters (the usual AMP set-up); backward
   from a random output gradient into every parameter. fusedgrad's variant is the same
   model after ``fusedgrad.convert_batchnorm``.
+* ResNet-50 bottleneck (layer1: 256 -> 64 -> 64 -> 256 channels at 56x56, identity
+  shortcut), same set-up: conv1x1-BN-ReLU, conv3x3-BN-ReLU, conv1x1-BN, + shortcut, ReLU.
+  fusedgrad's variant runs the same parameters through ``fusedgrad.batch_norm`` with the
+  fused epilogues: ``activation="relu"`` twice and ``activation="relu", residual=x`` once.
+* timm's resnet50 and efficientnet_b0 (random weights, channels_last, 224x224): one
+  training step (forward under autocast, cross-entropy on random labels, backward into
+  every parameter), as timm builds them vs after ``fusedgrad.convert_batchnorm``. bf16
+  autocast is the usual set-up; the fp16 rows are their own comparison: under fp16
+  autocast BatchNorm gets fp16 input with fp32 weights, where torch runs cuDNN's kernel
+  (with bf16 input it runs its native one). Without timm these records say so.
 
 No bytes model: these steps are dominated by matrix products/convolutions, so GB/s
 would mean nothing; the records carry ``ms``, ``peak_mem_bytes`` and, for the LM head,
@@ -31,10 +41,17 @@ from .common import (
     liger_cross_entropy,
     run_impl,
     skipped,
+    torch_dtype,
 )
 
 LM_TOKENS, LM_HIDDEN, LM_VOCAB = 8192, 2048, 128256
 RN_BATCH, RN_CHANNELS, RN_HW = 64, 64, 56
+# ResNet-50 layer1 bottleneck: in/out channels, inner width, spatial size, batch.
+BOTTLENECK_IN, BOTTLENECK_MID, BOTTLENECK_HW, BOTTLENECK_BATCH = 256, 64, 56, 64
+# timm models: (name, batch) at 224x224; the batch a single GPU trains them with.
+TIMM_MODELS = (("resnet50", 128), ("efficientnet_b0", 128))
+TIMM_HW = 224
+TIMM_DTYPES = ("bf16", "fp16")
 
 
 def cases() -> list[Case]:
@@ -50,6 +67,21 @@ def cases() -> list[Case]:
              shape={"N": RN_BATCH, "C": RN_CHANNELS, "H": RN_HW, "W": RN_HW},
              size=RN_BATCH * RN_CHANNELS * RN_HW * RN_HW, quick=True,
              impls=(FUSED, TORCH, COMPILE), run=run_resnet_block),
+        Case(family="e2e",
+             name=(f"e2e bottleneck bf16 cl {BOTTLENECK_BATCH}x{BOTTLENECK_IN}x{BOTTLENECK_HW}"
+                   f"x{BOTTLENECK_HW} step"),
+             dtype="bf16", mode="step", layout="channels_last",
+             shape={"N": BOTTLENECK_BATCH, "C": BOTTLENECK_IN, "mid": BOTTLENECK_MID,
+                    "H": BOTTLENECK_HW, "W": BOTTLENECK_HW},
+             size=BOTTLENECK_BATCH * BOTTLENECK_IN * BOTTLENECK_HW ** 2, quick=True,
+             impls=(FUSED, TORCH, COMPILE), run=run_bottleneck),
+    ] + [
+        Case(family="e2e", name=f"e2e timm {model} {dtype} cl {batch}x3x{TIMM_HW}x{TIMM_HW} step",
+             dtype=dtype, mode="step", layout="channels_last",
+             shape={"model": model, "N": batch, "H": TIMM_HW, "W": TIMM_HW},
+             size=batch * 3 * TIMM_HW ** 2, quick=(dtype == "bf16"),
+             impls=(FUSED, TORCH, COMPILE), run=run_timm_model)
+        for model, batch in TIMM_MODELS for dtype in TIMM_DTYPES
     ]
 
 
@@ -181,6 +213,153 @@ def run_resnet_block(case: Case, ctx: Context) -> list[dict]:
         else:  # pragma: no cover
             raise AssertionError(impl)
         step, params = step_of(model)
+        records.append(run_impl(case, ctx, impl, make_inputs, step, set_bytes=set_bytes,
+                                min_bytes=0, bytes_model="none (convolution-bound step)",
+                                leaves=lambda s, _p=params: _p))
+    return records
+
+
+def bottleneck(channels: int, mid: int, fused: bool):
+    """ResNet-50's bottleneck (torchvision's layout: conv1/bn1, conv2/bn2, conv3/bn3, identity
+    shortcut) whose forward either uses torch's BatchNorm modules and separate ReLU / add ops
+    (``fused=False``) or calls ``fusedgrad.batch_norm`` on the same parameters and buffers
+    with the fused epilogues (``fused=True``). Seeded: the same parameters every time."""
+    import torch
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1 = nn.Conv2d(channels, mid, 1, bias=False)
+            self.bn1 = nn.BatchNorm2d(mid)
+            self.conv2 = nn.Conv2d(mid, mid, 3, padding=1, bias=False)
+            self.bn2 = nn.BatchNorm2d(mid)
+            self.conv3 = nn.Conv2d(mid, channels, 1, bias=False)
+            self.bn3 = nn.BatchNorm2d(channels)
+
+        def norm(self, bn, x, residual=None):
+            """relu(bn(x) (+ residual)) in training mode."""
+            if fused:
+                import fusedgrad as fg
+
+                return fg.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias,
+                                     training=True, momentum=bn.momentum, eps=bn.eps,
+                                     activation="relu", residual=residual)
+            y = bn(x)
+            return F.relu(y if residual is None else y + residual)
+
+        def forward(self, x):
+            y = self.norm(self.bn1, self.conv1(x))
+            y = self.norm(self.bn2, self.conv2(y))
+            return self.norm(self.bn3, self.conv3(y), residual=x)
+
+    torch.manual_seed(0)
+    return Block()
+
+
+def _autocast_step(ctx, model, dtype, loss_of):
+    import torch
+
+    def step(s):
+        with torch.autocast(ctx.device, dtype=dtype):
+            out = model(s["x"])
+        loss = loss_of(out, s)
+        loss.backward()
+        return loss
+
+    return step
+
+
+def run_bottleneck(case: Case, ctx: Context) -> list[dict]:
+    import torch
+
+    n, c, mid, h, w = (case.shape[k] for k in ("N", "C", "mid", "H", "W"))
+    set_bytes = 2 * n * c * h * w * 2  # x and dy, bf16
+
+    def make_inputs():
+        def act():
+            return torch.randn(n, c, h, w, device=ctx.device, dtype=torch.bfloat16).to(
+                memory_format=torch.channels_last)
+
+        return {"x": act(), "dy": act()}
+
+    def loss_of(out, s):
+        return (out * s["dy"]).sum()  # backward seeds dy, as y.backward(dy) would
+
+    records = []
+    fg_bn, fg_reason = fused_op("batch_norm")
+    for impl in case.impls:
+        if impl not in ctx.impls:
+            continue
+        if impl == FUSED and fg_bn is None:
+            records.append(skipped(case, impl, fg_reason, status="unavailable"))
+            continue
+        model = bottleneck(c, mid, fused=(impl == FUSED)).to(ctx.device).to(
+            memory_format=torch.channels_last)
+        params = list(model.parameters())
+        if impl == COMPILE:
+            model = compiled(model)
+        step = _autocast_step(ctx, model, torch.bfloat16, loss_of)
+        records.append(run_impl(case, ctx, impl, make_inputs, step, set_bytes=set_bytes,
+                                min_bytes=0, bytes_model="none (convolution-bound step)",
+                                leaves=lambda s, _p=params: _p))
+    return records
+
+
+def timm_model(name: str):
+    """timm's model with random weights, or (None, reason) without timm."""
+    try:
+        import timm
+    except Exception as exc:  # noqa: BLE001 - torchvision may fail to load, not just import
+        return None, (f"timm not importable ({type(exc).__name__}: {exc}); install the "
+                      "`models` extra")
+    import torch
+
+    torch.manual_seed(0)
+    return timm.create_model(name, pretrained=False), ""
+
+
+def run_timm_model(case: Case, ctx: Context) -> list[dict]:
+    import torch
+    import torch.nn.functional as F
+
+    n, h, w = (case.shape[k] for k in ("N", "H", "W"))
+    dtype = torch_dtype(case.dtype)
+    set_bytes = n * 3 * h * w * 4  # fp32 images (autocast casts them)
+    base, reason = timm_model(case.shape["model"])
+    records = []
+    if base is None:
+        return [skipped(case, impl, reason, status="unavailable") for impl in case.impls
+                if impl in ctx.impls]
+    base = base.to(ctx.device).to(memory_format=torch.channels_last)
+    n_classes = base.num_classes
+
+    def make_inputs():
+        x = torch.randn(n, 3, h, w, device=ctx.device).to(memory_format=torch.channels_last)
+        return {"x": x, "t": torch.randint(0, n_classes, (n,), device=ctx.device)}
+
+    def loss_of(out, s):
+        return F.cross_entropy(out.float(), s["t"])
+
+    convert, conv_reason = fused_op("convert_batchnorm")
+    for impl in case.impls:
+        if impl not in ctx.impls:
+            continue
+        model = copy.deepcopy(base)
+        if impl == FUSED:
+            if convert is None:
+                records.append(skipped(case, impl, conv_reason, status="unavailable"))
+                continue
+            model, report = convert(model, report=True)
+            if report.left:
+                records.append(skipped(case, impl, f"convert_batchnorm left {report.left}",
+                                       status="error"))
+                continue
+        params = list(model.parameters())
+        if impl == COMPILE:
+            model = compiled(model)
+        step = _autocast_step(ctx, model, dtype, loss_of)
         records.append(run_impl(case, ctx, impl, make_inputs, step, set_bytes=set_bytes,
                                 min_bytes=0, bytes_model="none (convolution-bound step)",
                                 leaves=lambda s, _p=params: _p))

@@ -27,7 +27,7 @@ def test_cross_entropy_matrix():
 
 
 def test_batch_norm_matrix():
-    cases = batch_norm.cases()
+    cases = [c for c in batch_norm.cases() if c.name.startswith("bn ")]
     assert len({c.name for c in cases}) == len(cases)
     shapes = {tuple(c.shape[k] for k in "NCHW") for c in cases}
     for n in (64, 256):
@@ -39,10 +39,29 @@ def test_batch_norm_matrix():
         for m in ("fwd", "fwd+bwd")}
 
 
+def test_batch_norm_epilogue_matrix():
+    cases = [c for c in batch_norm.cases() if not c.name.startswith("bn ")]
+    assert len({c.name for c in cases}) == len(cases)
+    assert {(c.name.split()[0], c.dtype, c.layout, c.shape["N"], c.shape["C"]) for c in cases} == {
+        (op, d, lay, n, ch) for op in ("bn+relu", "bn+add+relu")
+        for d, lay in (("bf16", "channels_last"), ("fp16", "channels_last"), ("fp32", "contiguous"))
+        for n in (64, 256) for ch in (64, 128, 256, 512, 2048)}
+    shape = (64, 64, 56, 56)
+    m = 64 * 64 * 56 * 56 * 2
+    per_channel = 64 * batch_norm.PER_CHANNEL_BYTES
+    assert batch_norm.epilogue_minimal_bytes(shape, "bf16", False) == 5 * m + per_channel
+    assert batch_norm.epilogue_minimal_bytes(shape, "bf16", True) == 7 * m + per_channel
+
+
 def test_e2e_steps():
-    lm, rn = e2e.cases()
+    lm, rn, bottleneck, *timm_cases = e2e.cases()
     assert lm.shape == {"tokens": 8192, "hidden": 2048, "vocab": 128256} and lm.dtype == "bf16"
     assert rn.layout == "channels_last" and rn.dtype == "bf16"
+    assert bottleneck.shape == {"N": 64, "C": 256, "mid": 64, "H": 56, "W": 56}
+    # timm's resnet50 and efficientnet_b0, bf16 autocast and fp16 (cuDNN in torch) rows.
+    assert {(c.shape["model"], c.dtype) for c in timm_cases} == {
+        (m, d) for m in ("resnet50", "efficientnet_b0") for d in ("bf16", "fp16")}
+    assert all(c.layout == "channels_last" and c.shape["H"] == 224 for c in timm_cases)
 
 
 # Around the launcher's single-block limit (16384 classes: one read either side only if the
@@ -97,6 +116,9 @@ TINY = {
     "bn fp16 contig 16x3x512x512 fwd": {"N": 2, "C": 3, "H": 3, "W": 2},
     "e2e lm_head bf16 8192x2048->128256 step": {"tokens": 3, "hidden": 8, "vocab": 40},
     "e2e resnet_block bf16 cl 64x64x56x56 step": {"N": 1, "C": 4, "H": 4, "W": 4},
+    "e2e bottleneck bf16 cl 64x256x56x56 step": {"N": 2, "C": 4, "mid": 2, "H": 3, "W": 3},
+    "bn+relu fp16 cl 64x64x56x56 fwd+bwd": {"N": 2, "C": 3, "H": 3, "W": 2},
+    "bn+add+relu fp32 contig 256x2048x7x7 fwd+bwd": {"N": 2, "C": 3, "H": 2, "W": 3},
 }
 
 

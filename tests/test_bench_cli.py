@@ -24,19 +24,26 @@ def test_quick_selection():
     assert names(["--quick"]) == [
         "ce bf16 8192x128256 fwd+bwd", "ce bf16 8192x128256 fwd",
         "bn bf16 contig 16x3x512x512 fwd+bwd", "bn bf16 cl 64x64x56x56 fwd+bwd",
+        "bn+relu bf16 cl 64x64x56x56 fwd+bwd", "bn+add+relu bf16 cl 64x64x56x56 fwd+bwd",
         "e2e lm_head bf16 8192x2048->128256 step", "e2e resnet_block bf16 cl 64x64x56x56 step",
+        "e2e bottleneck bf16 cl 64x256x56x56 step",
+        "e2e timm resnet50 bf16 cl 128x3x224x224 step",
+        "e2e timm efficientnet_b0 bf16 cl 128x3x224x224 step",
         "lce bf16 4096x2048x128256 fwd+bwd",
     ]
 
 
 def test_default_selects_everything():
-    assert len(names([])) == len(cli.all_cases()) == 60 + 144 + 2 + 3
+    assert len(names([])) == len(cli.all_cases()) == 60 + 144 + 60 + 2 + 5 + 3
 
 
 def test_filters_combine():
     got = names(["--op", "bn", "--dtype", "bf16", "--layout", "cl", "--shape", "x56x56",
                  "--mode", "fwd+bwd"])
-    assert got == ["bn bf16 cl 64x64x56x56 fwd+bwd", "bn bf16 cl 256x64x56x56 fwd+bwd"]
+    assert got == ["bn bf16 cl 64x64x56x56 fwd+bwd", "bn bf16 cl 256x64x56x56 fwd+bwd",
+                   "bn+relu bf16 cl 64x64x56x56 fwd+bwd", "bn+relu bf16 cl 256x64x56x56 fwd+bwd",
+                   "bn+add+relu bf16 cl 64x64x56x56 fwd+bwd",
+                   "bn+add+relu bf16 cl 256x64x56x56 fwd+bwd"]
 
 
 def test_comma_and_space_separated_lists_agree():
