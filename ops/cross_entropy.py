@@ -383,21 +383,20 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None,
     backward rescales it by grad_output (free when grad_output is 1).
     """
     compiling = torch.compiler.is_compiling()
-    if compiling:
-        mergeable = None  # traced once per graph: no caching (sizes may be symbolic)
-    else:
+    checked = None  # traced once per graph under torch.compile: no caching (sizes may be
+    if not compiling:  # symbolic)
         key = _call_key(input, target, weight, ignore_index, reduction, label_smoothing,
-                        z_loss, softcap, inplace_backward)
-        mergeable = _CHECKED.get(key) if key is not None else None
-    if mergeable is None:
+                        z_loss, softcap, inplace_backward, divisor)
+        checked = _CHECKED.get(key) if key is not None else None
+    if checked is None:
         validate(input, target, weight, ignore_index, reduction, label_smoothing, z_loss,
                  softcap, inplace_backward)
-        mergeable = (launch.spatial_dims_mergeable(input, True),
-                     launch.spatial_dims_mergeable(target, target.is_floating_point()))
+        checked = _checked_call(input, target, weight, reduction, label_smoothing, divisor)
         if not compiling and key is not None:
             if len(_CHECKED) >= _CHECKED_MAX:
                 _CHECKED.clear()
-            _CHECKED[key] = mergeable
+            _CHECKED[key] = checked
+    mergeable = checked.mergeable
     divisor, divisor_value = split_divisor(divisor, reduction, input.device)
     softcap = float(softcap) if softcap is not None else None
     label_smoothing = float(label_smoothing)
@@ -440,15 +439,17 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None,
         return _InplaceCrossEntropy.apply(input, target, weight, ignore_index, reduction,
                                           label_smoothing, z_loss, softcap, divisor,
                                           divisor_value)
-    if not compiling and _direct_call_ok(input, target, weight):
-        # Plain eager tensors: the custom op's dispatch buys nothing here (it exists for
-        # torch.compile, fake tensors and other dispatch modes), so skip it.
-        plan = _plan_of(input, target, weight, reduction, label_smoothing,
-                        _divisor_kind(divisor, divisor_value))
+    if (not compiling and checked.plain and not torch._C._len_torch_dispatch_stack()
+            and not torch._C._functorch.is_functorch_wrapped_tensor(input)):
+        # Plain eager tensors, no dispatch mode or functorch transform active: the custom
+        # op's dispatch buys nothing here (it exists for torch.compile, fake tensors and
+        # other dispatch modes), so skip it.
+        plan = checked.plan or _plan_of(input, target, weight, reduction, label_smoothing,
+                                        _divisor_kind(divisor, divisor_value))
         if needs_grad:
-            return _CrossEntropyFunction.apply(input, target, weight, ignore_index, reduction,
-                                               label_smoothing, z_loss, softcap, divisor,
-                                               divisor_value, plan)
+            return _apply_cross_entropy(input, target, weight, ignore_index, reduction,
+                                        label_smoothing, z_loss, softcap, divisor,
+                                        divisor_value, plan)
         return _forward_into(input, target, weight, None, ignore_index, reduction,
                              label_smoothing, z_loss, softcap, divisor, divisor_value,
                              plan=plan)
@@ -460,13 +461,41 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None,
 
 # Argument checks that passed, keyed by everything they read: the tensors' metadata and
 # the scalar arguments with their types (True == 1 but only one is a valid ignore_index).
-# The value: whether input and target can be viewed as rows without a copy.
 _CHECKED: dict = {}
 _CHECKED_MAX = 1024
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+@dataclass(frozen=True, slots=True)
+class _Checked:
+    """What a call with these arguments' metadata may skip next time."""
+
+    mergeable: tuple[bool, bool]  # input, target viewable as rows (else made contiguous)
+    plain: bool                   # plain tensors: the eager path may skip the custom op
+    plan: _Plan | None            # the per-shape plan, when no copy changes the shapes
+
+
+def _checked_call(input, target, weight, reduction, label_smoothing, divisor) -> _Checked:
+    mergeable = (launch.spatial_dims_mergeable(input, True),
+                 launch.spatial_dims_mergeable(target, target.is_floating_point()))
+    plain = (type(input) in _PLAIN and type(target) in _PLAIN
+             and (weight is None or type(weight) in _PLAIN))
+    plan = None
+    if plain and all(mergeable) and not torch.compiler.is_compiling():
+        plan = _plan_of(input, target, weight, reduction, label_smoothing,
+                        _divisor_arg_kind(divisor))
+    return _Checked(mergeable, plain, plan)
+
+
+def _divisor_arg_kind(divisor) -> str | None:
+    """_divisor_kind of the public ``divisor=`` argument (a tensor stays a device tensor)."""
+    if divisor is None:
+        return None
+    return "device" if isinstance(divisor, torch.Tensor) else "host"
 
 
 def _call_key(input, target, weight, ignore_index, reduction, label_smoothing, z_loss,
-              softcap, inplace_backward):
+              softcap, inplace_backward, divisor):
     """Hashable metadata of a call, or None (e.g. a non-tensor argument: validate says why)."""
     try:
         w = None if weight is None else (weight.shape, weight.stride(), weight.dtype,
@@ -475,22 +504,12 @@ def _call_key(input, target, weight, ignore_index, reduction, label_smoothing, z
                target.shape, target.stride(), target.dtype, target.device, type(target), w,
                ignore_index, type(ignore_index), reduction, type(reduction),
                label_smoothing, type(label_smoothing), z_loss, type(z_loss),
-               softcap, type(softcap), inplace_backward, type(inplace_backward))
+               softcap, type(softcap), inplace_backward, type(inplace_backward),
+               _divisor_arg_kind(divisor))
         hash(key)
     except (AttributeError, TypeError):
         return None
     return key
-
-
-def _direct_call_ok(input, target, weight) -> bool:
-    """Eager call on plain tensors with no dispatch mode or functorch transform active."""
-    return (type(input) in _PLAIN and type(target) in _PLAIN
-            and (weight is None or type(weight) in _PLAIN)
-            and not torch._C._len_torch_dispatch_stack()
-            and not torch._C._functorch.is_functorch_wrapped_tensor(input))
-
-
-_PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
 class _CrossEntropyFunction(torch.autograd.Function):
@@ -516,6 +535,12 @@ class _CrossEntropyFunction(torch.autograd.Function):
         if grad_loss is None:
             return (None,) * 11
         return (_scaled_grad(ctx, grad_loss),) + (None,) * 10
+
+
+# torch.autograd.Function.apply without its Python wrapper, which only binds default
+# arguments (forward has none) and unwraps dead functorch wrappers (the fast path runs
+# only on plain tensors with no functorch transform active): ~2 us per call.
+_apply_cross_entropy = super(torch.autograd.Function, _CrossEntropyFunction).apply
 
 
 class CrossEntropyLoss(torch.nn.CrossEntropyLoss):

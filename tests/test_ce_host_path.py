@@ -81,9 +81,10 @@ def test_plan_is_reused_and_loss_is_right_after_reuse():
     x = torch.randn(5, 40, device=DEVICE)
     t = torch.randint(0, 40, (5,), device=DEVICE)
     ce_module._plan.cache_clear()
+    ce_module._CHECKED.clear()
     first = fg.cross_entropy(x, t)
     second = fg.cross_entropy(x * 2, t)
-    assert ce_module._plan.cache_info().hits >= 1
+    assert ce_module._plan.cache_info().misses == 1  # planned once, then reused
     ref = torch.nn.functional.cross_entropy((x * 2).double(), t)
     assert_close(second, ref, torch.float32, "loss")
     assert not torch.equal(first, second)
