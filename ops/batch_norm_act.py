@@ -25,6 +25,7 @@ from functools import partial
 import torch
 from torch import nn
 
+from ._bn_validate import validate_act_args, validate_module_args
 from .batch_norm import FUSED_ACTIVATIONS
 from .batch_norm_modules import module_batch_norm
 from .sync_batch_norm import SyncBatchNorm
@@ -118,6 +119,8 @@ class BatchNormAct2d(_NormActForward, nn.BatchNorm2d):
                  affine: bool = True, track_running_stats: bool = True, apply_act: bool = True,
                  act_layer=nn.ReLU, act_kwargs: dict | None = None, inplace: bool = True,
                  drop_layer=None, device=None, dtype=None):
+        validate_module_args("BatchNormAct2d", num_features, eps, momentum)
+        validate_act_args("BatchNormAct2d", act_layer, act_kwargs, drop_layer)
         super().__init__(num_features, eps=eps, momentum=momentum, affine=affine,
                          track_running_stats=track_running_stats, device=device, dtype=dtype)
         self.drop = drop_layer() if drop_layer is not None else nn.Identity()
@@ -140,6 +143,7 @@ class SyncBatchNormAct2d(_NormActForward, SyncBatchNorm):
                  affine: bool = True, track_running_stats: bool = True, apply_act: bool = True,
                  act_layer=nn.ReLU, act_kwargs: dict | None = None, inplace: bool = True,
                  drop_layer=None, process_group=None, device=None, dtype=None):
+        validate_act_args("SyncBatchNormAct2d", act_layer, act_kwargs, drop_layer)
         super().__init__(num_features, eps=eps, momentum=momentum, affine=affine,
                          track_running_stats=track_running_stats, process_group=process_group,
                          device=device, dtype=dtype)

@@ -9,6 +9,7 @@ changes. The one difference inside forward: with ``momentum=None`` torch reads
 
 import torch
 
+from ._bn_validate import validate_module_args
 from .batch_norm import batch_norm_tracked
 
 
@@ -40,7 +41,12 @@ def module_batch_norm(bn: torch.nn.Module, input: torch.Tensor, activation: str 
 
 
 class _FusedBatchNormForward:
-    """forward() of torch's _BatchNorm, calling fusedgrad's batch norm."""
+    """forward() of torch's _BatchNorm, calling fusedgrad's batch norm; the constructor checks
+    its arguments first (torch's does not)."""
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, *args, **kwargs):
+        validate_module_args(type(self).__name__, num_features, eps, momentum)
+        super().__init__(num_features, eps, momentum, *args, **kwargs)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(input)

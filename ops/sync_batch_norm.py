@@ -17,7 +17,8 @@ import torch.distributed as dist
 
 from . import _alloc
 from . import _bn_launch as L
-from .batch_norm import _as_acc, _check_inputs
+from ._bn_validate import validate, validate_module_args
+from .batch_norm import _as_acc
 from .batch_norm_modules import module_batch_norm, module_state
 
 
@@ -124,8 +125,8 @@ def sync_batch_norm(input, running_mean, running_var, weight, bias, momentum, ep
     """Training-mode batch norm with statistics over every rank of ``process_group``
     (default: the world). ``momentum=None`` needs ``num_batches_tracked`` (cumulative
     average, factor read on the device)."""
-    _check_inputs(input, running_mean, running_var, weight, bias, True, momentum, eps,
-                  check_batch_size=False)
+    validate(input, running_mean, running_var, weight, bias, True, momentum, eps,
+             check_batch_size=False)
     group = process_group if process_group is not None else dist.group.WORLD
     world_size = dist.get_world_size(group)
     cumulative = momentum is None
@@ -140,6 +141,10 @@ def sync_batch_norm(input, running_mean, running_var, weight, bias, momentum, ep
 class SyncBatchNorm(torch.nn.SyncBatchNorm):
     """Drop-in for torch.nn.SyncBatchNorm (same constructor, ``process_group``, state_dict),
     on fusedgrad's kernels; works with gloo on CPU (Triton interpreter) and NCCL on CUDA."""
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, *args, **kwargs):
+        validate_module_args(type(self).__name__, num_features, eps, momentum)
+        super().__init__(num_features, eps, momentum, *args, **kwargs)
 
     def sync_group(self):
         """The process group this forward synchronises over, or None: statistics are local
