@@ -24,6 +24,8 @@ or a size equal to 1 does not produce another compiled variant.
 import triton
 import triton.language as tl
 
+from ._compat import mask_if
+
 # Integer arguments never specialised on their value (equal to 1, or divisible by 16): tile
 # counts and part counts gain nothing from it. C and S stay specialisable: divisibility of
 # the inner extent by 16 is what lets the masked loads along it become 16-byte vectors.
@@ -123,7 +125,7 @@ def bn_stats_partial_kernel(
     out = part_ptr + pid_p * C + c
     tl.store(out, count, mask=c_mask)
     tl.store(out + part_field_stride, mean, mask=c_mask)
-    tl.store(shift_ptr + c, shift, mask=c_mask & (pid_p == 0))
+    tl.store(shift_ptr + c, shift, mask=mask_if(c_mask, pid_p == 0))
     tl.store(out + 2 * part_field_stride, m2, mask=c_mask)
 
 
@@ -180,7 +182,7 @@ def bn_merge_stats_kernel(
         mean = mean + delta * frac
         m2 = m2 + chunk_m2 + delta * delta * count * frac
         count = new_count
-    mean += tl.load(shift_ptr + c, mask=c_mask & (has_shift != 0), other=0.0)
+    mean += tl.load(shift_ptr + c, mask=mask_if(c_mask, has_shift), other=0.0)
     if final != 0:
         eps = _host_float(eps_hi, eps_lo, acc_ty)
         invstd = _inv_sqrt(m2 / tl.maximum(count, 1.0) + eps)
@@ -214,7 +216,7 @@ def _channel_affine(mean_ptr, scale_ptr, weight_ptr, c, c_mask, eps_hi, eps_lo, 
     # scale holds invstd (batch statistics) or a variance (running statistics).
     eps = _host_float(eps_hi, eps_lo, scale.dtype)
     invstd = tl.where(scale_is_var != 0, _inv_sqrt(scale + eps), scale)
-    w = tl.load(weight_ptr + c, mask=c_mask & (has_weight != 0), other=1.0)
+    w = tl.load(weight_ptr + c, mask=mask_if(c_mask, has_weight), other=1.0)
     return mean, invstd, w * invstd
 
 
@@ -243,7 +245,7 @@ def bn_apply_kernel(
     c_mask = c < C
     mean, invstd, a = _channel_affine(mean_ptr, scale_ptr, weight_ptr, c, c_mask, eps_hi,
                                       eps_lo, scale_is_var, has_weight)
-    b = tl.load(bias_ptr + c, mask=c_mask & (has_bias != 0), other=0.0) - mean * a
+    b = tl.load(bias_ptr + c, mask=mask_if(c_mask, has_bias), other=0.0) - mean * a
     offs, mask, n_valid = _tile(t, tiles_per_n, S, c.to(tl.int64) * stride_c, c_mask, stride_n,
                                 stride_s, BLOCK_S)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(a.dtype)
@@ -360,9 +362,8 @@ def bn_bwd_dx_kernel(
     mean, invstd, a = _channel_affine(mean_ptr, scale_ptr, weight_ptr, c, c_mask, eps_hi,
                                       eps_lo, scale_is_var, has_weight)
     acc_ty = a.dtype
-    is_training = training != 0
-    stat_mask = c_mask & is_training
-    m = tl.load(count_ptr + c, mask=stat_mask & (count_from_ptr != 0), other=0.0).to(acc_ty)
+    stat_mask = mask_if(c_mask, training)
+    m = tl.load(count_ptr + c, mask=mask_if(stat_mask, count_from_ptr), other=0.0).to(acc_ty)
     m = tl.where(count_from_ptr != 0, m, tl.cast(count, acc_ty))
     m = tl.maximum(m, 1.0)
     sum_dy = tl.load(sums_ptr + c, mask=stat_mask, other=0.0)
@@ -373,6 +374,6 @@ def bn_bwd_dx_kernel(
                                 stride_s, BLOCK_S)
     dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(acc_ty)
     # In eval q = r = 0 and the masked-off load of x touches no memory.
-    x = tl.load(x_ptr + offs, mask=mask & is_training, other=0.0).to(acc_ty)
+    x = tl.load(x_ptr + offs, mask=mask_if(mask, training), other=0.0).to(acc_ty)
     dx = a[:, None] * dy + q[:, None] * (x - mean[:, None]) + r[:, None]
     tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)

@@ -40,6 +40,8 @@ whose class axis is strided, are read in place: row r = outer * n_inner + inner.
 import triton
 import triton.language as tl
 
+from ._compat import mask_if
+
 
 @triton.jit
 def _tanh(x):
@@ -91,7 +93,7 @@ def _load_logits(row_ptr, cols, mask, class_stride, softcap, has_softcap, IS_FP6
 @triton.jit
 def _load_weights(weight_ptr, cols, mask, has_weight, IS_FP64: tl.constexpr):
     """Class weights of one chunk (1 without weights, 0 on padding); no load without weights."""
-    w = tl.load(weight_ptr + cols, mask=mask & (has_weight != 0), other=1.0)
+    w = tl.load(weight_ptr + cols, mask=mask_if(mask, has_weight), other=1.0)
     if IS_FP64:
         w = w.to(tl.float64)
     else:
@@ -377,7 +379,7 @@ def cross_entropy_fwd_bwd_kernel(
         ignored = False
         in_range = True
     else:
-        w_t = tl.load(weight_ptr + safe_col, mask=in_range & (has_weight != 0), other=1.0)
+        w_t = tl.load(weight_ptr + safe_col, mask=mask_if(in_range, has_weight), other=1.0)
         w_t = w_t.to(acc_ty)
     loss, lse, log_s, coef_a, coef_t, coef_smooth = _row_loss(
         m, s, lin, vsum, z_t, w_t, ignored, in_range, weight_total, label_smoothing, z_loss,

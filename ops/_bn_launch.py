@@ -19,7 +19,7 @@ import math
 import torch
 
 from . import _alloc
-from ._runtime import acc_dtype, device_guard, split_f64
+from ._runtime import FP_FUSION, acc_dtype, device_guard, split_f64
 from .kernels import batch_norm as bn_kernels
 
 # Elements per tile: 2048 elements = 16 per thread at 4 warps (fp32: four 16-byte loads per
@@ -223,7 +223,8 @@ def num_splits(plan: Plan, target: int) -> tuple[int, int]:
 
 
 def _meta(plan: Plan) -> dict:
-    return dict(BLOCK_C=plan.block_c, BLOCK_S=plan.block_s, num_warps=NUM_WARPS)
+    return dict(BLOCK_C=plan.block_c, BLOCK_S=plan.block_s, num_warps=NUM_WARPS,
+                enable_fp_fusion=FP_FUSION)
 
 
 def stats_partials(x: torch.Tensor, plan: Plan) -> tuple[torch.Tensor, torch.Tensor]:
@@ -252,7 +253,8 @@ def merge_stats_local(part: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
         bn_kernels.bn_merge_stats_kernel[_merge_grid(C)](
             part, n_parts, C, C, n_parts * C, shift, 1, out[0], out[1], out[2],
             out, out, _dummy_i64(part.device), 0.0, 0.0, 0.0, 0.0, 0, 0, 0, 0,
-            BLOCK_P=MERGE_BLOCK_P, BLOCK_C=MERGE_BLOCK_C, num_warps=MERGE_NUM_WARPS)
+            BLOCK_P=MERGE_BLOCK_P, BLOCK_C=MERGE_BLOCK_C, num_warps=MERGE_NUM_WARPS,
+            enable_fp_fusion=FP_FUSION)
     return out
 
 
@@ -275,7 +277,8 @@ def merge_stats_final(part: torch.Tensor, part_stride: int, field_stride: int, n
             running_mean if update else mean, running_var if update else mean,
             nbt if nbt is not None else _dummy_i64(dev), *split_f64(float(momentum)),
             *split_f64(float(eps)), 1, int(update), int(nbt is not None), int(want_count),
-            BLOCK_P=MERGE_BLOCK_P, BLOCK_C=MERGE_BLOCK_C, num_warps=MERGE_NUM_WARPS)
+            BLOCK_P=MERGE_BLOCK_P, BLOCK_C=MERGE_BLOCK_C, num_warps=MERGE_NUM_WARPS,
+            enable_fp_fusion=FP_FUSION)
     return (mean, invstd, count) if want_count else (mean, invstd)
 
 
@@ -318,7 +321,8 @@ def bwd_merge(part: torch.Tensor, want_grads: bool):
         bn_kernels.bn_bwd_merge_kernel[_merge_grid(C)](
             part, n_parts, C, C, n_parts * C, sums,
             gw if want_grads else sums, gb if want_grads else sums, int(want_grads),
-            BLOCK_P=MERGE_BLOCK_P, BLOCK_C=MERGE_BLOCK_C, num_warps=MERGE_NUM_WARPS)
+            BLOCK_P=MERGE_BLOCK_P, BLOCK_C=MERGE_BLOCK_C, num_warps=MERGE_NUM_WARPS,
+            enable_fp_fusion=FP_FUSION)
     return sums, gw, gb
 
 

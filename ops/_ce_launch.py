@@ -12,7 +12,7 @@ import math
 import torch
 import triton
 
-from ._runtime import split_f64
+from ._runtime import FP_FUSION, split_f64
 from .kernels import cross_entropy as ce_kernels
 from .static_check import KernelConfig
 
@@ -149,6 +149,7 @@ def launch_fwd_bwd(logits3, grad3, target_v, weight, loss_rows, lse_rows, reduce
         int(weight is not None), int(softcap is not None), int(write_grad),
         PROB_TARGET=prob_target, IS_FP64=dtype == torch.float64, LARGE_OFFSETS=large,
         BLOCK_V=block_v, SINGLE_BLOCK=single, num_warps=fwd_bwd_num_warps(block_v, single),
+        enable_fp_fusion=FP_FUSION,
     )
 
 
@@ -165,7 +166,7 @@ def launch_scale_grad(grad3, grad_output_v) -> None:
         grad3, grad_output_v, n_classes, n_inner, *grad3.stride(), *go_strides,
         PER_ROW=per_row, IS_FP64=grad3.dtype == torch.float64,
         LARGE_OFFSETS=needs_large_offsets(grad3), BLOCK_V=block_v,
-        num_warps=scale_num_warps(block_v),
+        num_warps=scale_num_warps(block_v), enable_fp_fusion=FP_FUSION,
     )
 
 
@@ -195,7 +196,7 @@ def launch_shard_stats(logits3, probs_v, weight, stats, *, softcap: float | None
         sc_hi, sc_lo, int(weight is not None), int(softcap is not None),
         PROB_TARGET=prob, IS_FP64=logits3.dtype == torch.float64,
         LARGE_OFFSETS=needs_large_offsets(logits3, probs_v), BLOCK_V=block_v,
-        num_warps=streaming_num_warps(block_v),
+        num_warps=streaming_num_warps(block_v), enable_fp_fusion=FP_FUSION,
     )
 
 
@@ -215,7 +216,7 @@ def launch_shard_grad(logits3, grad3, target_v, weight, coef, *, softcap: float 
         sc_hi, sc_lo, int(weight is not None), int(softcap is not None),
         PROB_TARGET=prob_target, IS_FP64=logits3.dtype == torch.float64,
         LARGE_OFFSETS=needs_large_offsets(logits3, grad3, target_v), BLOCK_V=block_v,
-        num_warps=streaming_num_warps(block_v),
+        num_warps=streaming_num_warps(block_v), enable_fp_fusion=FP_FUSION,
     )
 
 

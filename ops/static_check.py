@@ -103,8 +103,12 @@ def compile_config(cfg: KernelConfig, arch: int = 90) -> CompileReport:
 
     src = ASTSource(fn=cfg.fn, signature=dict(cfg.signature), constexprs=dict(cfg.constexprs),
                     attrs=_attrs(cfg))
+    from ._runtime import FP_FUSION
+
+    # The same fp-fusion setting the launchers pass (not Triton's version-dependent default).
     kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                            options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+                            options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages,
+                                     "enable_fp_fusion": FP_FUSION})
     ptx = kernel.asm["ptx"]
     # ptxas -v gives exact register / spill counts for the PTX Triton produced.
     ptxas = get_ptxas(arch).path
