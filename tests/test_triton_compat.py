@@ -8,11 +8,12 @@ import pytest
 import torch
 import triton
 import triton.language as tl
-from helpers import poison_
 
 import fusedgrad as fg
 from fusedgrad import _runtime
 from fusedgrad.kernels._compat import mask_if
+
+from helpers import poison_
 
 pytestmark = pytest.mark.compat
 
