@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 
+from ._runtime import FP_FUSION
 from .kernels import ce_prep as prep_kernels
 from .kernels.ce_prep import (  # noqa: F401  (re-exported for ops/cross_entropy.py)
     DIVISOR_DEVICE,
@@ -44,7 +45,7 @@ def launch_prep(target_rows, weight, divisor, reduce_buf, *, n_rows: int, n_inne
         ignore_index, divisor_hi, divisor_lo,
         CLASS_TARGET=class_target, HAS_WEIGHT=has_weight, WEIGHT_SUM=weight_sum,
         DIVISOR_MODE=divisor_mode, IS_FP64=reduce_buf.dtype == torch.float64,
-        BLOCK=PREP_BLOCK, num_warps=PREP_NUM_WARPS,
+        BLOCK=PREP_BLOCK, num_warps=PREP_NUM_WARPS, enable_fp_fusion=FP_FUSION,
     )
 
 
@@ -52,6 +53,7 @@ def launch_finish(loss_rows, reduce_buf, out, n_rows: int) -> None:
     """out (0-dim, any float dtype) = sum(loss_rows) / reduce_buf's divisor."""
     prep_kernels.ce_finish_kernel[(1,)](
         loss_rows, reduce_buf, out, n_rows, BLOCK=FINISH_BLOCK, num_warps=FINISH_NUM_WARPS,
+        enable_fp_fusion=FP_FUSION,
     )
 
 
