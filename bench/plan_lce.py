@@ -50,6 +50,8 @@ def plan(tokens: int, hidden: int, vocab: int, dtype_name: str = "bf16",
         "flops": 3 * 2 * tokens * hidden * vocab,
         "outputs": (tokens * hidden + vocab * hidden) * elem,
         "logits_and_grad_unfused": 2 * mem["logits_unfused"],
+        # each chunk's dW product reads and writes the fp32 accumulator once
+        "dw_accumulator_traffic": mem["n_chunks"] * 2 * mem["weight_grad_fp32"],
     }
 
 
@@ -77,6 +79,9 @@ def describe(args) -> str:
                 f"    outputs dx + dW        (N*H + V*H)*E = {_mib(p['outputs'])}",
                 f"    unfused logits + grad  2*N*V*E       = "
                 f"{_mib(p['logits_and_grad_unfused'])}",
+                f"  fp32 dW accumulator traffic: chunks x 8*V*H = "
+                f"{p['dw_accumulator_traffic'] / 1e9:,.1f} GB per call (a larger chunk_size "
+                "trades chunk memory for fewer passes)",
                 "",
             ]
     return "\n".join(lines).rstrip()

@@ -74,34 +74,46 @@ def chunk_rows(n_rows: int, hidden: int, n_classes: int, chunk_size: int | None)
 
 # ---------------------------------------------------------------- weight-gradient GEMM
 
-_FUSED_FP32_ADDMM: dict[str, bool] = {}
+# How this process accumulates a 16-bit chunk product into the fp32 dW, per (device
+# type, dtype): the first way that works is kept (each raises before writing anything).
+_DW_MODE: dict[tuple[str, torch.dtype], str] = {}
+_DW_MODES_CUDA = ("addmm_fp32_out", "mm_fp32_then_add", "upcast")
+
+
+def _dw_modes(device_type: str) -> tuple[str, ...]:
+    return _DW_MODES_CUDA if device_type == "cuda" else ("upcast",)
 
 
 def _accumulate_weight_grad(dw_acc: Tensor, g: Tensor, x: Tensor) -> None:
     """dw_acc (V, H) += g^T (V, n) @ x (n, H), with dw_acc fp32 and g, x possibly bf16/fp16.
 
-    CUDA: one cuBLAS call with fp32 output (``addmm(..., out_dtype=float32)``, in place;
-    torch versions whose addmm.dtype rejects an fp32 ``self`` get mm + add through a
-    chunk-free path instead). Elsewhere (CPU, the interpreter): the chunk's operands are
-    upcast (n x V and n x H copies, bounded by the chunk).
+    CUDA: one cuBLAS call with fp32 output, in place (``addmm(..., out_dtype=float32)``);
+    torch versions whose addmm.dtype wants ``self`` in the inputs' dtype get an fp32
+    ``mm(..., out_dtype=float32)`` plus an add (a V x H fp32 temporary), and torch
+    versions without ``out_dtype`` upcast the chunk's operands. Elsewhere (CPU, the
+    interpreter): the chunk's operands are upcast (n x V and n x H copies, chunk-bounded).
     """
     if g.dtype == dw_acc.dtype:
         dw_acc.addmm_(g.t(), x)
         return
-    if dw_acc.device.type == "cuda":
-        key = str(g.dtype)
-        if _FUSED_FP32_ADDMM.get(key, True):
-            try:
+    key = (dw_acc.device.type, g.dtype)
+    modes = _dw_modes(key[0])
+    if key in _DW_MODE:
+        modes = modes[modes.index(_DW_MODE[key]):]
+    for mode in modes:
+        try:
+            if mode == "addmm_fp32_out":
                 torch.addmm(dw_acc, g.t(), x, out_dtype=dw_acc.dtype, out=dw_acc)
-                _FUSED_FP32_ADDMM[key] = True
-                return
-            except RuntimeError:
-                # This torch's addmm.dtype wants self in the inputs' dtype (checked before
-                # anything is written): fall back for the rest of the process.
-                _FUSED_FP32_ADDMM[key] = False
-        dw_acc.add_(torch.mm(g.t(), x, out_dtype=dw_acc.dtype))
+            elif mode == "mm_fp32_then_add":
+                dw_acc.add_(torch.mm(g.t(), x, out_dtype=dw_acc.dtype))
+            else:
+                dw_acc.addmm_(g.t().to(dw_acc.dtype), x.to(dw_acc.dtype))
+        except (RuntimeError, TypeError, NotImplementedError):
+            if mode == "upcast":
+                raise
+            continue
+        _DW_MODE[key] = mode
         return
-    dw_acc.addmm_(g.t().to(dw_acc.dtype), x.to(dw_acc.dtype))
 
 
 # ---------------------------------------------------------------- the chunk loop
@@ -222,13 +234,29 @@ def linear_cross_entropy_fwd(
     input: Tensor, linear_weight: Tensor, linear_bias: Tensor | None, target: Tensor,
     weight: Tensor | None, ignore_index: int, reduction: str, label_smoothing: float,
     z_loss: float, softcap: float | None, divisor: Tensor | None, divisor_value: float | None,
-    chunk: int, need_dx: bool, need_dw: bool, need_db: bool,
+    chunk: int, need_dx: bool, need_dw: bool, need_db: bool, loss_dtype: torch.dtype,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(loss, dx, dW, db) for grad_output = 1; a gradient not asked for is empty.
 
     input (N, H), linear_weight (V, H), linear_bias (V,), target (N,) or (N, V).
     With reduction="none" no gradient is computed here (see linear_cross_entropy_bwd).
+    The loss is returned in ``loss_dtype`` (the input's, or fp32 under autocast).
     """
+    with _no_autocast(input):
+        return _fwd_impl(input, linear_weight, linear_bias, target, weight, ignore_index,
+                         reduction, label_smoothing, z_loss, softcap, divisor, divisor_value,
+                         chunk, need_dx, need_dw, need_db, loss_dtype)
+
+
+def _no_autocast(t: Tensor):
+    """The op's matrix products run in the dtypes it was given (autocast already chose
+    them outside the op), whatever autocast state the caller has."""
+    return torch.autocast(t.device.type, enabled=False)
+
+
+def _fwd_impl(input, linear_weight, linear_bias, target, weight, ignore_index, reduction,
+              label_smoothing, z_loss, softcap, divisor, divisor_value, chunk, need_dx,
+              need_dw, need_db, loss_dtype):
     n_rows, _ = input.shape
     n_classes = linear_weight.shape[0]
     acc = acc_dtype(input.dtype)
@@ -246,7 +274,7 @@ def linear_cross_entropy_fwd(
                 softcap=softcap, chunk=chunk, write_grad=write_grad, dx=dx, dw_acc=dw_acc,
                 db_acc=db_acc)
     loss = _reduce_loss(loss_rows, reduction, mean_divisor, divisor, divisor_value,
-                        input.dtype)
+                        loss_dtype)
     dw = dw_acc.to(linear_weight.dtype) if dw_acc is not None else _empty(linear_weight)
     db = db_acc.to(linear_bias.dtype) if db_acc is not None else _empty(linear_weight)
     return loss, dx if dx is not None else _empty(input), dw, db
@@ -255,9 +283,9 @@ def linear_cross_entropy_fwd(
 @linear_cross_entropy_fwd.register_fake
 def _(input, linear_weight, linear_bias, target, weight, ignore_index, reduction,
       label_smoothing, z_loss, softcap, divisor, divisor_value, chunk, need_dx, need_dw,
-      need_db):
+      need_db, loss_dtype):
     grads = reduction != "none" and (need_dx or need_dw or need_db)
-    loss = input.new_empty([input.shape[0]] if reduction == "none" else [])
+    loss = input.new_empty([input.shape[0]] if reduction == "none" else [], dtype=loss_dtype)
     dx = torch.empty_like(input, memory_format=torch.contiguous_format) \
         if grads and need_dx else input.new_empty(0)
     dw = torch.empty_like(linear_weight, memory_format=torch.contiguous_format) \
@@ -276,6 +304,14 @@ def linear_cross_entropy_bwd(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Backward of reduction="none": (dx, dW, db) for the per-row grad_output (N,),
     recomputing each chunk's logits and gradient (memory bounded by the chunk)."""
+    with _no_autocast(input):
+        return _bwd_impl(grad_output, input, linear_weight, linear_bias, target, weight,
+                         ignore_index, label_smoothing, z_loss, softcap, chunk, need_dx,
+                         need_dw, need_db)
+
+
+def _bwd_impl(grad_output, input, linear_weight, linear_bias, target, weight, ignore_index,
+              label_smoothing, z_loss, softcap, chunk, need_dx, need_dw, need_db):
     n_rows, _ = input.shape
     n_classes = linear_weight.shape[0]
     acc = acc_dtype(input.dtype)
@@ -331,7 +367,7 @@ def _scale(ctx, grad: Tensor, grad_output: Tensor, idx: int) -> Tensor:
 def _setup_context(ctx, inputs, output):
     (input, linear_weight, linear_bias, target, weight, ignore_index, reduction,
      label_smoothing, z_loss, softcap, _divisor, _divisor_value, chunk, need_dx, need_dw,
-     need_db) = inputs
+     need_db, _loss_dtype) = inputs
     _, dx, dw, db = output
     ctx.set_materialize_grads(False)
     ctx.reduction = reduction
@@ -346,7 +382,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_loss, *_unused):
-    nones = (None,) * 13
+    nones = (None,) * 14
     if grad_loss is None:
         return (None, None, None) + nones
     need_dx, need_dw, need_db = ctx.needs
@@ -458,6 +494,8 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
     """
     if ignore_index is None:
         ignore_index = -100
+    input, linear_weight, linear_bias, loss_dtype = _autocast_inputs(input, linear_weight,
+                                                                     linear_bias)
     _validate(input, linear_weight, target, linear_bias, weight, chunk_size)
     n_classes, hidden = linear_weight.shape
     lead = tuple(input.shape[:-1])
@@ -484,14 +522,35 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
             x2, linear_weight, linear_bias, target2, weight, ignore_index, reduction,
             float(label_smoothing), float(z_loss), softcap, divisor_t, divisor_value, chunk,
             process_group)
+        loss = loss.to(loss_dtype)
     else:
         loss, _, _, _ = torch.ops.fusedgrad.linear_cross_entropy_fwd(
             x2, linear_weight, linear_bias, target2, weight, ignore_index, reduction,
             float(label_smoothing), float(z_loss), softcap, divisor_t, divisor_value, chunk,
-            need_dx, need_dw, need_db)
+            need_dx, need_dw, need_db, loss_dtype)
     if reduction == "none":
         loss = loss.view(lead)
     return loss
+
+
+def _autocast_inputs(input, linear_weight, linear_bias):
+    """Under autocast, what torch does for ``F.linear`` then ``F.cross_entropy``: the
+    linear's operands in the autocast dtype, the loss in fp32 (cross_entropy is on
+    autocast's fp32 list). Otherwise the inputs as given and the loss in their dtype."""
+    if not isinstance(input, torch.Tensor):
+        return input, linear_weight, linear_bias, None
+    device_type = input.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return input, linear_weight, linear_bias, input.dtype
+    amp = torch.get_autocast_dtype(device_type)
+
+    def cast(t):
+        if isinstance(t, torch.Tensor) and t.dtype in (torch.float32, torch.float16,
+                                                       torch.bfloat16) and t.dtype != amp:
+            return t.to(amp)
+        return t
+
+    return cast(input), cast(linear_weight), cast(linear_bias), torch.float32
 
 
 class LinearCrossEntropyLoss(torch.nn.Module):

@@ -371,3 +371,38 @@ def test_no_host_sync(reduction, divisor):
 
     run_watched(body, xg, wg, bg, t, cw, go, *([d] if d is not None else []))
     assert torch.isfinite(wg.grad).all()
+
+
+def test_autocast_matches_torch():
+    # Under autocast torch runs F.linear in the autocast dtype and cross_entropy in fp32;
+    # so does the fused op: bf16 matrix products, fp32 loss, fp32 parameter gradients.
+    x, w, b, t = make(12, 8, 40, bias=True)
+    ins = [v.clone().requires_grad_(True) for v in (x, w, b)]
+    refs = [v.clone().requires_grad_(True) for v in (x, w, b)]
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        loss = fg.linear_cross_entropy(ins[0], ins[1], t, linear_bias=ins[2], chunk_size=5)
+        ref = F.cross_entropy(F.linear(refs[0], refs[1], refs[2]), t)
+    assert loss.dtype == ref.dtype == torch.float32
+    loss.backward()
+    ref.backward()
+    assert_close(loss, ref, torch.bfloat16, "loss")
+    for a, c in zip(ins, refs, strict=True):
+        assert a.grad.dtype == torch.float32
+        assert_close(a.grad, c.grad, torch.bfloat16, "grad")
+
+
+def test_weight_grad_accumulation_fallbacks(monkeypatch):
+    # The CUDA chain (fused fp32-output addmm, then mm + add, then upcast) on CPU, where
+    # the first two raise (no CPU kernel for out_dtype): the first way that works is used
+    # and remembered, and the result is the fp32 product either way.
+    monkeypatch.setattr(lce_mod, "_dw_modes", lambda device_type: lce_mod._DW_MODES_CUDA)
+    monkeypatch.setattr(lce_mod, "_DW_MODE", {})
+    g = torch.randn(5, 7).to(torch.bfloat16)
+    x = torch.randn(5, 3).to(torch.bfloat16)
+    acc = torch.ones(7, 3)
+    for _ in range(2):
+        lce_mod._accumulate_weight_grad(acc, g, x)
+    ref = 1 + 2 * (g.double().t() @ x.double())
+    assert_close(acc, ref, torch.float32, "dW")
+    assert list(lce_mod._DW_MODE.values()) in (["addmm_fp32_out"], ["mm_fp32_then_add"],
+                                               ["upcast"])
