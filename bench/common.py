@@ -24,15 +24,19 @@ FUSED = "fusedgrad"
 FUSED_INPLACE = "fusedgrad (inplace)"
 TORCH = "torch"
 COMPILE = "torch.compile"
+# Second compile peer: Inductor's autotuned kernels (no CUDA graphs, so it times the same
+# launches as the others; the graph column times every implementation under CUDA graphs).
+COMPILE_MAX = "torch.compile max-autotune"
 LIGER = "liger"
 TORCH_LCE = "torch.lce"  # torch's F.linear_cross_entropy, chunked (linear + CE cases only)
-PEERS = (TORCH, COMPILE, LIGER, TORCH_LCE)
+PEERS = (TORCH, COMPILE, COMPILE_MAX, LIGER, TORCH_LCE)
 # Command-line spellings for --impl.
 IMPL_ALIASES = {
     "fusedgrad": FUSED, "fused": FUSED, "fg": FUSED,
     "inplace": FUSED_INPLACE, "fusedgrad-inplace": FUSED_INPLACE,
     "torch": TORCH, "eager": TORCH, "pytorch": TORCH,
     "compile": COMPILE, "torch.compile": COMPILE, "inductor": COMPILE,
+    "max-autotune": COMPILE_MAX, "compile-max": COMPILE_MAX,
     "liger": LIGER, "liger-kernel": LIGER,
     "torch.lce": TORCH_LCE, "torch-lce": TORCH_LCE,
 }
@@ -42,6 +46,10 @@ RECORD_KEYS = (
     "family", "case", "dtype", "mode", "layout", "shape", "size", "impl", "status", "reason",
     "ms", "bytes", "bytes_model", "gbps", "pct_copy_bw", "kernel_bytes", "kernel_gbps",
     "peak_mem_bytes", "peak_extra_bytes", "input_sets", "speedup",
+    # ms is net of the timer's own cost (an empty step timed the same way: baseline_ms);
+    # graph_ms times the same step replayed as a CUDA graph (None when it cannot be
+    # captured, e.g. an implementation that synchronises; graph_note says why).
+    "baseline_ms", "graph_ms", "graph_note",
 )
 
 
@@ -125,8 +133,8 @@ def liger_cross_entropy():
         return None, (f"Liger-Kernel not importable ({type(exc).__name__}: {exc}); "
                       "install the `liger` extra or carry its wheel (bench/fetch_wheels.sh)")
 
-    def liger_ce(logits, target):
-        out = fn_cls.apply(logits, target, None, -100, 0.0, 0.0, "mean", None, False, False,
+    def liger_ce(logits, target, reduction="mean"):
+        out = fn_cls.apply(logits, target, None, -100, 0.0, 0.0, reduction, None, False, False,
                            False)
         return out[0] if isinstance(out, tuple) else out
 
@@ -142,16 +150,17 @@ def liger_version() -> str | None:
         return None
 
 
-def compiled(fn: Callable) -> Callable:
+def compiled(fn: Callable, mode: str | None = None) -> Callable:
     """``torch.compile`` of the same PyTorch code, fresh for this case.
 
     Dynamo's caches are reset so every case compiles for its own static shapes (no
-    recompile limit reached, no dynamic-shape kernels from an earlier case).
+    recompile limit reached, no dynamic-shape kernels from an earlier case). ``mode``:
+    None (Inductor's default) or e.g. "max-autotune-no-cudagraphs" (COMPILE_MAX).
     """
     import torch
 
     torch._dynamo.reset()
-    return torch.compile(fn, dynamic=False)
+    return torch.compile(fn, dynamic=False, mode=mode)
 
 
 _NON_LEAF = None
@@ -189,15 +198,18 @@ def non_leaf(x, anchor):
 
 
 def run_impl(case: Case, ctx: Context, impl: str, make_inputs, step, *, set_bytes: int,
-             min_bytes: int, bytes_model: str, leaves=lambda s: (), kernel_bytes=None) -> dict:
-    """Measure one implementation of ``case``; errors and OOM become records, not crashes."""
+             min_bytes: int, bytes_model: str, leaves=lambda s: (), kernel_bytes=None,
+             graph: bool = False) -> dict:
+    """Measure one implementation of ``case``; errors and OOM become records, not crashes.
+    graph: also time the step replayed as a CUDA graph (``graph_ms``)."""
     import torch
 
     from . import timing
 
     try:
         measure = ctx.measure or timing.measure
-        m = measure(make_inputs, step, set_bytes, leaves=leaves, rep_ms=ctx.rep_ms)
+        extra = {"graph": True} if graph else {}
+        m = measure(make_inputs, step, set_bytes, leaves=leaves, rep_ms=ctx.rep_ms, **extra)
     except torch.cuda.OutOfMemoryError as exc:
         timing.free_memory()
         return skipped(case, impl, f"out of memory: {str(exc).splitlines()[0]}", status="oom")
@@ -210,7 +222,8 @@ def run_impl(case: Case, ctx: Context, impl: str, make_inputs, step, *, set_byte
                      pct_copy_bw=(100.0 * gbps / ctx.copy_gbps) if gbps and ctx.copy_gbps
                      else None,
                      peak_mem_bytes=m["peak_mem_bytes"], peak_extra_bytes=m["peak_extra_bytes"],
-                     input_sets=m["input_sets"])
+                     input_sets=m["input_sets"], baseline_ms=m.get("baseline_ms"),
+                     graph_ms=m.get("graph_ms"), graph_note=m.get("graph_note"))
     if kernel_bytes is not None:
         rec.update(kernel_bytes=kernel_bytes, kernel_gbps=kernel_bytes / seconds / 1e9)
     return rec

@@ -2,10 +2,18 @@
 
 Cases: bf16 and fp32 logits, rows in {4096, 8192, 16384} x V in {32000, 50257, 128256,
 151936, 256000}; forward+backward (``loss.backward()`` on a mean loss) and forward only
-(logits without grad). The logits enter as a non-leaf tensor, as in a model, so the
-gradient is produced and handed on, never accumulated into ``.grad`` (see
-``common.non_leaf``). Forward+backward also times fusedgrad's ``inplace_backward``
-mode (gradient written into the logits' storage, as Liger-Kernel always does).
+(logits without grad). Plus, in bf16: few rows of a huge vocabulary (64 and 512 x 256000:
+can the op fill the GPU?), and two backward variants at 8192 x 128256 whose backward is
+not free: ``go2`` (a mean loss, backward with grad_output 2) and ``none``
+(reduction="none", backward with random per-row grad_output). Peers: torch eager,
+torch.compile (default mode and "max-autotune-no-cudagraphs"; not in --quick, whose
+budget one autotuned compilation would use up) and Liger-Kernel. Every record also has
+a CUDA-graph time (``graph_ms``, see bench/timing.py).
+
+The logits enter as a non-leaf tensor, as in a model, so the gradient is produced and
+handed on, never accumulated into ``.grad`` (see ``common.non_leaf``). Forward+backward
+also times fusedgrad's ``inplace_backward`` mode (gradient written into the logits'
+storage, as Liger-Kernel always does).
 
 Bytes models (next to the benchmark, as the README promises):
 
@@ -26,6 +34,7 @@ from __future__ import annotations
 
 from .common import (
     COMPILE,
+    COMPILE_MAX,
     FUSED,
     FUSED_INPLACE,
     LIGER,
@@ -49,6 +58,14 @@ MODES = ("fwd+bwd", "fwd")
 # --quick: the LM-typical case in both modes (each torch.compile peer costs a fresh
 # compilation, which dominates --quick's 3-minute budget).
 QUICK = {("bf16", 8192, 128256, "fwd+bwd"), ("bf16", 8192, 128256, "fwd")}
+# Few rows of the largest vocabulary: one program per row would leave SMs idle.
+FEW_ROWS = (64, 512)
+FEW_ROWS_VOCAB = 256000
+# Backward variants (bf16, fwd+bwd): name suffix -> (reduction, grad_output); grad_output
+# None is a random per-row tensor (reduction="none"), a number a 0-dim tensor.
+VARIANT_SHAPE = (8192, 128256)
+VARIANTS = {"go2": ("mean", 2.0), "none": ("none", None)}
+COMPILE_MAX_MODE = "max-autotune-no-cudagraphs"
 
 TARGET_BYTES = 8  # int64 class indices
 LOSS_BYTES = 4
@@ -60,14 +77,27 @@ def minimal_bytes(n_rows: int, vocab: int, dtype: str, mode: str) -> int:
     return (2 * logits if mode == "fwd+bwd" else logits) + small
 
 
-def fused_kernel_bytes(n_rows: int, vocab: int, dtype: str, mode: str) -> int:
+def fused_kernel_bytes(n_rows: int, vocab: int, dtype: str, mode: str,
+                       grad_output_one: bool = True) -> int:
     from .plan_ce import fused_hbm_bytes
 
-    return fused_hbm_bytes(n_rows, vocab, dtype, mode)
+    return fused_hbm_bytes(n_rows, vocab, dtype, mode, grad_output_one=grad_output_one)
 
 
-def case_name(dtype: str, n_rows: int, vocab: int, mode: str) -> str:
-    return f"ce {dtype} {n_rows}x{vocab} {mode}"
+def case_name(dtype: str, n_rows: int, vocab: int, mode: str, variant: str = "") -> str:
+    return f"ce {dtype} {n_rows}x{vocab} {mode}" + (f" {variant}" if variant else "")
+
+
+def _case(dtype, n_rows, vocab, mode, variant=""):
+    reduction, grad_output = VARIANTS.get(variant, ("mean", 1.0))
+    quick = not variant and (dtype, n_rows, vocab, mode) in QUICK
+    impls = (FUSED, FUSED_INPLACE) if mode == "fwd+bwd" else (FUSED,)
+    peers = (TORCH, COMPILE, LIGER) if quick else (TORCH, COMPILE, COMPILE_MAX, LIGER)
+    return Case(family="cross_entropy", name=case_name(dtype, n_rows, vocab, mode, variant),
+                dtype=dtype, mode=mode,
+                shape={"rows": n_rows, "vocab": vocab, "reduction": reduction,
+                       "grad_output": grad_output},
+                size=n_rows * vocab, quick=quick, impls=impls + peers, run=run_case)
 
 
 def cases() -> list[Case]:
@@ -76,12 +106,12 @@ def cases() -> list[Case]:
         for mode in MODES:
             for n_rows in ROWS:
                 for vocab in VOCABS:
-                    impls = (FUSED, FUSED_INPLACE) if mode == "fwd+bwd" else (FUSED,)
-                    out.append(Case(
-                        family="cross_entropy", name=case_name(dtype, n_rows, vocab, mode),
-                        dtype=dtype, mode=mode, shape={"rows": n_rows, "vocab": vocab},
-                        size=n_rows * vocab, quick=(dtype, n_rows, vocab, mode) in QUICK,
-                        impls=impls + (TORCH, COMPILE, LIGER), run=run_case))
+                    out.append(_case(dtype, n_rows, vocab, mode))
+    for mode in MODES:
+        for n_rows in FEW_ROWS:
+            out.append(_case("bf16", n_rows, FEW_ROWS_VOCAB, mode))
+    for variant in VARIANTS:
+        out.append(_case("bf16", *VARIANT_SHAPE, "fwd+bwd", variant))
     return out
 
 
@@ -90,17 +120,24 @@ def run_case(case: Case, ctx: Context) -> list[dict]:
     import torch.nn.functional as F
 
     n_rows, vocab = case.shape["rows"], case.shape["vocab"]
+    reduction = case.shape.get("reduction", "mean")
+    grad_output = case.shape.get("grad_output", 1.0)
     dtype = torch_dtype(case.dtype)
     backward = case.mode == "fwd+bwd"
     set_bytes = n_rows * vocab * dtype_size(case.dtype) + n_rows * TARGET_BYTES
     min_bytes = minimal_bytes(n_rows, vocab, case.dtype, case.mode)
 
     def make_inputs():
-        return {
+        s = {
             "x": torch.randn(n_rows, vocab, device=ctx.device, dtype=dtype),
             "t": torch.randint(0, vocab, (n_rows,), device=ctx.device),
             "anchor": torch.zeros((), device=ctx.device, requires_grad=True),
         }
+        if backward and grad_output != 1.0:  # built here, not in the timed step
+            s["go"] = (torch.rand(n_rows, device=ctx.device, dtype=dtype) + 0.5
+                       if grad_output is None
+                       else torch.full((), grad_output, device=ctx.device, dtype=dtype))
+        return s
 
     def step_of(loss_fn):
         def step(s):
@@ -108,7 +145,7 @@ def run_case(case: Case, ctx: Context) -> list[dict]:
                 return loss_fn(s["x"], s["t"])
             # The logits enter as a non-leaf, as a model's do (see common.non_leaf).
             loss = loss_fn(non_leaf(s["x"], s["anchor"]), s["t"])
-            loss.backward()
+            loss.backward(s.get("go"))
             return loss
 
         return step
@@ -117,7 +154,7 @@ def run_case(case: Case, ctx: Context) -> list[dict]:
     liger_ce, liger_reason = liger_cross_entropy()
 
     def torch_ce(x, t):
-        return F.cross_entropy(x, t)
+        return F.cross_entropy(x, t, reduction=reduction)
 
     records = []
     for impl in case.impls:
@@ -131,21 +168,27 @@ def run_case(case: Case, ctx: Context) -> list[dict]:
             inplace = impl == FUSED_INPLACE
 
             def loss_fn(x, t, _inplace=inplace):
-                return fg_ce(x, t, inplace_backward=_inplace)
+                return fg_ce(x, t, reduction=reduction, inplace_backward=_inplace)
 
-            kernel_bytes = fused_kernel_bytes(n_rows, vocab, case.dtype, case.mode)
+            kernel_bytes = fused_kernel_bytes(n_rows, vocab, case.dtype, case.mode,
+                                              grad_output_one=grad_output == 1.0)
         elif impl == TORCH:
             loss_fn = torch_ce
         elif impl == COMPILE:
             loss_fn = compiled(torch_ce)
+        elif impl == COMPILE_MAX:
+            loss_fn = compiled(torch_ce, mode=COMPILE_MAX_MODE)
         elif impl == LIGER:
             if liger_ce is None:
                 records.append(skipped(case, impl, liger_reason, status="unavailable"))
                 continue
-            loss_fn = liger_ce
+
+            def loss_fn(x, t):
+                return liger_ce(x, t, reduction)
+
         else:  # pragma: no cover - impls come from cases()
             raise AssertionError(impl)
         records.append(run_impl(case, ctx, impl, make_inputs, step_of(loss_fn),
                                 set_bytes=set_bytes, min_bytes=min_bytes, bytes_model="minimal",
-                                kernel_bytes=kernel_bytes))
+                                kernel_bytes=kernel_bytes, graph=True))
     return records

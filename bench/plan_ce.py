@@ -75,14 +75,18 @@ def call_plan(n_rows: int, n_classes: int, dtype: str, mode: str,
                     _ce_prep.plan_host_kernels(n_rows, reduction))
 
 
-def fused_hbm_bytes(n_rows: int, n_classes: int, dtype: str, mode: str) -> int:
+def fused_hbm_bytes(n_rows: int, n_classes: int, dtype: str, mode: str,
+                    grad_output_one: bool = True) -> int:
     """HBM bytes of fusedgrad's kernels for one call (mean over class targets): the
     launcher's model of the logits/gradient traffic, plus the targets (read by the prep
     and the fused kernel) and the per-row loss and logsumexp (written, then the loss
-    read by the finishing kernel)."""
+    read by the finishing kernel). A backward whose grad_output is not 1 rescales the
+    gradient written in forward: one more read and write of it (the rescale kernel's
+    docstring)."""
     plan = launcher_plan(n_rows, n_classes, dtype, mode)
     small = 2 * n_rows * TARGET_BYTES + 3 * n_rows * LOSS_BYTES
-    return plan.hbm_bytes(_elem_size(dtype)) + small
+    rescale = 0 if grad_output_one or mode != "fwd+bwd" else 2 * n_rows * n_classes
+    return plan.hbm_bytes(_elem_size(dtype)) + rescale * _elem_size(dtype) + small
 
 
 # ---- the launcher's plan where it has none yet (the logic of today's launcher) ----------

@@ -22,11 +22,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .common import COMPILE, FUSED, FUSED_INPLACE, LIGER, TORCH, TORCH_LCE
+from .common import COMPILE, COMPILE_MAX, FUSED, FUSED_INPLACE, LIGER, TORCH, TORCH_LCE
 
 SCHEMA = 1
-IMPL_ORDER = (FUSED, FUSED_INPLACE, TORCH, COMPILE, LIGER, TORCH_LCE)
-PEER_COLUMNS = (TORCH, COMPILE, LIGER)
+IMPL_ORDER = (FUSED, FUSED_INPLACE, TORCH, COMPILE, COMPILE_MAX, LIGER, TORCH_LCE)
+PEER_COLUMNS = (TORCH, COMPILE, COMPILE_MAX, LIGER)
 FAMILY_TITLES = {"cross_entropy": "Cross-entropy", "batch_norm": "BatchNorm (training)",
                  "linear_cross_entropy": "Fused linear + cross-entropy",
                  "e2e": "End-to-end training steps"}
@@ -163,8 +163,8 @@ def _status_text(r: dict) -> str:
 # --- terminal table ------------------------------------------------------------------
 
 
-TABLE_HEADER = ("case", "impl", "ms", "GB/s", "%copy", "peak MiB", "vs torch", "vs compile",
-                "vs liger", "status")
+TABLE_HEADER = ("case", "impl", "ms", "graph ms", "GB/s", "%copy", "peak MiB", "vs torch",
+                "vs compile", "vs max-at", "vs liger", "status")
 
 
 def table_rows(records: list[dict]) -> list[tuple]:
@@ -174,9 +174,10 @@ def table_rows(records: list[dict]) -> list[tuple]:
                       key=lambda r: _impl_sort_key(r["impl"]))
         for r in recs:
             sp = r.get("speedup") or {}
-            rows.append((case, r["impl"], fmt_ms(r["ms"]), fmt_num(r["gbps"]),
-                         fmt_num(r["pct_copy_bw"]), fmt_mib(r["peak_mem_bytes"]),
-                         fmt_speedup(sp.get(TORCH)), fmt_speedup(sp.get(COMPILE)),
+            rows.append((case, r["impl"], fmt_ms(r["ms"]), fmt_ms(r.get("graph_ms")),
+                         fmt_num(r["gbps"]), fmt_num(r["pct_copy_bw"]),
+                         fmt_mib(r["peak_mem_bytes"]), fmt_speedup(sp.get(TORCH)),
+                         fmt_speedup(sp.get(COMPILE)), fmt_speedup(sp.get(COMPILE_MAX)),
                          fmt_speedup(sp.get(LIGER)), _status_text(r)[:60]))
     return rows
 
@@ -195,7 +196,8 @@ def format_table(records: list[dict]) -> str:
         if i > 0 and case == prev_case:
             shown[0] = ""  # print each case's name once
         cells = zip(shown, widths, strict=True)
-        lines.append("  ".join(str(c).ljust(w) if j in (0, 1, 9) else str(c).rjust(w)
+        left = (0, 1, len(TABLE_HEADER) - 1)  # case, impl, status
+        lines.append("  ".join(str(c).ljust(w) if j in left else str(c).rjust(w)
                                for j, (c, w) in enumerate(cells)).rstrip())
         if i == 0:
             lines.append("  ".join("-" * w for w in widths))
@@ -247,7 +249,8 @@ def summary_rows(records: list[dict], case_names: list[str]) -> list[list[str]]:
 
 
 SUMMARY_HEADER = ["case", "fusedgrad ms (GB/s)", "% copy BW", "torch ms", "torch.compile ms",
-                  "Liger ms", "vs torch", "vs compile", "vs Liger",
+                  "max-autotune ms", "Liger ms", "vs torch", "vs compile", "vs max-autotune",
+                  "vs Liger",
                   "peak MiB fusedgrad / torch"]
 
 

@@ -12,6 +12,12 @@ Protocol (the same for every implementation, so the numbers compare):
    (each set is touched once per call, so repeated calls cannot run out of cache), and
    time with ``triton.testing.do_bench(..., return_mode="median")``, which warms up
    for ``warmup_ms`` and also clears the L2 between calls.
+3. Subtract the timer's own cost: an empty step timed the same way (``baseline_ms``,
+   measured once per run), so a few-microsecond op is not charged the event overhead.
+4. Optionally (``graph=True``) capture the step, once per input set, as CUDA graphs and
+   time their replay the same way (``graph_ms``): what the op costs when the host's
+   launch overhead is gone (as in a graph-captured training step). An implementation
+   that synchronises cannot be captured; ``graph_note`` then says why.
 
 Nothing here runs without CUDA; the CPU paths of the bench never import it.
 """
@@ -58,9 +64,53 @@ def free_memory() -> None:
         torch.cuda.empty_cache()
 
 
+_BASELINE_MS: dict = {}
+
+
+def empty_baseline_ms(rep_ms: int = REP_MS) -> float:
+    """Median do_bench time of a step that does nothing (cached per measuring window)."""
+    from triton.testing import do_bench
+
+    if rep_ms not in _BASELINE_MS:
+        _BASELINE_MS[rep_ms] = float(do_bench(lambda: None, warmup=WARMUP_MS, rep=rep_ms,
+                                              return_mode="median"))
+    return _BASELINE_MS[rep_ms]
+
+
+def net_ms(raw_ms: float, baseline_ms: float) -> float:
+    """raw minus the empty-step baseline, never below a hundredth of the raw time."""
+    return max(raw_ms - baseline_ms, 0.01 * raw_ms)
+
+
+def graph_ms(sets: list, step: Callable[[dict], object], leaves, rep_ms: int) -> float:
+    """Median replay time of ``step`` captured as one CUDA graph per input set."""
+    from triton.testing import do_bench
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the default stream, as capture requires
+        for s in sets[:1] * 3:
+            step(s)
+            for t in leaves(s):
+                t.grad = None
+    torch.cuda.current_stream().wait_stream(side)
+    graphs = []
+    pool = torch.cuda.graph_pool_handle()
+    for s in sets:
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g, pool=pool):
+            step(s)
+        graphs.append(g)
+    order = itertools.cycle(graphs)
+    ms = do_bench(lambda: next(order).replay(), warmup=WARMUP_MS, rep=rep_ms,
+                  return_mode="median")
+    graphs.clear()
+    return float(ms)
+
+
 def measure(make_inputs: Callable[[], dict], step: Callable[[dict], object], set_bytes: int,
             leaves: Callable[[dict], Sequence[torch.Tensor]] = lambda s: (),
-            rep_ms: int = REP_MS) -> dict:
+            rep_ms: int = REP_MS, graph: bool = False) -> dict:
     """Peak memory and median time of ``step(inputs)``.
 
     make_inputs: builds one fresh input set (a dict of tensors) on the GPU.
@@ -92,15 +142,25 @@ def measure(make_inputs: Callable[[], dict], step: Callable[[dict], object], set
     def call():
         step(next(order))
 
-    ms = do_bench(call, warmup=WARMUP_MS, rep=rep_ms, grad_to_none=grad_leaves or None,
-                  return_mode="median")
+    raw = do_bench(call, warmup=WARMUP_MS, rep=rep_ms, grad_to_none=grad_leaves or None,
+                   return_mode="median")
+    baseline = empty_baseline_ms(rep_ms)
+    out = {"ms": net_ms(float(raw), baseline), "baseline_ms": baseline,
+           "peak_mem_bytes": int(peak), "peak_extra_bytes": int(peak - before),
+           "input_sets": n_sets}
+    if graph:
+        try:
+            out["graph_ms"] = net_ms(graph_ms(sets, step, leaves, rep_ms), baseline)
+        except Exception as exc:  # noqa: BLE001 - e.g. a host sync inside the step
+            torch.cuda.synchronize()
+            out["graph_ms"] = None
+            out["graph_note"] = f"not capturable: {type(exc).__name__}: {str(exc)[:200]}"
     # Release the input sets before the next implementation allocates its own.
     sets.clear()
     grad_leaves.clear()
     first = order = None
     free_memory()
-    return {"ms": float(ms), "peak_mem_bytes": int(peak), "peak_extra_bytes": int(peak - before),
-            "input_sets": n_sets}
+    return out
 
 
 def copy_bandwidth_gbps(n_bytes: int = 512 * 2**20) -> dict:

@@ -10,20 +10,28 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import batch_norm, cross_entropy, e2e  # noqa: E402
-from bench.common import COMPILE, FUSED, FUSED_INPLACE, LIGER, TORCH  # noqa: E402
+from bench.common import COMPILE, COMPILE_MAX, FUSED, FUSED_INPLACE, LIGER, TORCH  # noqa: E402
 from bench.timing import input_sets_needed  # noqa: E402
 
 
 def test_cross_entropy_matrix():
     cases = cross_entropy.cases()
     assert len({c.name for c in cases}) == len(cases)
-    grid = {(c.dtype, c.shape["rows"], c.shape["vocab"], c.mode) for c in cases}
+    plain = [c for c in cases if c.shape["reduction"] == "mean" and c.shape["grad_output"] == 1]
+    grid = {(c.dtype, c.shape["rows"], c.shape["vocab"], c.mode) for c in plain}
     assert grid == {(d, n, v, m) for d in ("bf16", "fp32") for n in (4096, 8192, 16384)
-                    for v in (32000, 50257, 128256, 151936, 256000) for m in ("fwd", "fwd+bwd")}
+                    for v in (32000, 50257, 128256, 151936, 256000) for m in ("fwd", "fwd+bwd")} \
+        | {("bf16", n, 256000, m) for n in (64, 512) for m in ("fwd", "fwd+bwd")}  # few rows
+    variants = {(c.name, c.shape["reduction"], c.shape["grad_output"]) for c in cases} - \
+        {(c.name, "mean", 1.0) for c in plain}
+    assert variants == {("ce bf16 8192x128256 fwd+bwd go2", "mean", 2.0),
+                        ("ce bf16 8192x128256 fwd+bwd none", "none", None)}
     for c in cases:
         # inplace_backward only changes the backward, so it is timed with it only.
         assert (FUSED_INPLACE in c.impls) == (c.mode == "fwd+bwd")
         assert {FUSED, TORCH, COMPILE, LIGER} <= set(c.impls)
+        # the autotuned compile peer everywhere but in --quick (its compile time)
+        assert (COMPILE_MAX in c.impls) == (not c.quick)
 
 
 def test_batch_norm_matrix():
@@ -112,6 +120,9 @@ def test_rotation_count(set_bytes, expected):
 TINY = {
     "ce bf16 8192x128256 fwd+bwd": {"rows": 3, "vocab": 37},
     "ce fp32 4096x32000 fwd": {"rows": 2, "vocab": 50},
+    "ce bf16 64x256000 fwd+bwd": {"rows": 2, "vocab": 70},
+    "ce bf16 8192x128256 fwd+bwd go2": {"rows": 3, "vocab": 37},
+    "ce bf16 8192x128256 fwd+bwd none": {"rows": 3, "vocab": 37},
     "bn bf16 cl 64x64x56x56 fwd+bwd": {"N": 2, "C": 3, "H": 4, "W": 3},
     "bn fp16 contig 16x3x512x512 fwd": {"N": 2, "C": 3, "H": 3, "W": 2},
     "e2e lm_head bf16 8192x2048->128256 step": {"tokens": 3, "hidden": 8, "vocab": 40},
@@ -122,14 +133,17 @@ TINY = {
 }
 
 
-def _fake_measure(make_inputs, step, set_bytes, leaves=lambda s: (), rep_ms=0):
+def _fake_measure(make_inputs, step, set_bytes, leaves=lambda s: (), rep_ms=0, graph=False):
     s = make_inputs()
-    for _ in range(2):  # twice: a second call must work on what the first left behind
+    for _ in range(3 if graph else 2):  # a second call must work on what the first left
         step(s)
         for t in leaves(s):
             assert t.grad is not None and torch.isfinite(t.grad.float()).all()
             t.grad = None
-    return {"ms": 1.0, "peak_mem_bytes": 0, "peak_extra_bytes": 0, "input_sets": 1}
+    out = {"ms": 1.0, "peak_mem_bytes": 0, "peak_extra_bytes": 0, "input_sets": 1}
+    if graph:  # capture needs CUDA; the step it would capture ran once more above
+        out["graph_ms"] = 0.5
+    return out
 
 
 @pytest.mark.parametrize("name", list(TINY))
@@ -142,16 +156,18 @@ def test_dry_run_on_cpu(name):
     if torch.cuda.is_available():
         pytest.skip("the dry run is for machines without CUDA (with CUDA, run the bench)")
     case = next(c for c in all_cases() if c.name == name)
-    case = dataclasses.replace(case, shape=TINY[name])
+    case = dataclasses.replace(case, shape={**case.shape, **TINY[name]})
     ctx = Context(impls={FUSED, FUSED_INPLACE, TORCH, LIGER}, copy_gbps=1000.0, device="cpu",
                   measure=_fake_measure)
     records = case.run(case, ctx)
     add_speedups(records)
-    assert {r["impl"] for r in records} == set(case.impls) - {COMPILE}
+    assert {r["impl"] for r in records} == set(case.impls) - {COMPILE, COMPILE_MAX}
     for r in records:
         if r["impl"] == LIGER and r["status"] == "unavailable":
             continue  # optional peer, not installed here
         assert r["status"] == "ok", (r["impl"], r["reason"])
         assert r["ms"] == 1.0
+        if case.family == "cross_entropy":
+            assert r["graph_ms"] == 0.5
     fused = next(r for r in records if r["impl"] == FUSED)
     assert fused["speedup"][TORCH] == 1.0

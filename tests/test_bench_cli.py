@@ -34,7 +34,8 @@ def test_quick_selection():
 
 
 def test_default_selects_everything():
-    assert len(names([])) == len(cli.all_cases()) == 60 + 144 + 60 + 2 + 5 + 3
+    # CE: 60 + 4 few-row + 2 backward variants
+    assert len(names([])) == len(cli.all_cases()) == 66 + 144 + 60 + 2 + 5 + 3
 
 
 def test_filters_combine():
@@ -116,7 +117,7 @@ def test_run_writes_json_markdown_plots_and_table(tmp_path, monkeypatch, capsys)
                            "--plain"])
     times = iter([1.0, 0.5, 2.0, 0.8, 1.6] * 4)
 
-    def fake_measure(make_inputs, step, set_bytes, leaves=lambda s: (), rep_ms=0):
+    def fake_measure(make_inputs, step, set_bytes, leaves=lambda s: (), rep_ms=0, graph=False):
         step(make_inputs())
         return {"ms": next(times), "peak_mem_bytes": 2**20, "peak_extra_bytes": 0,
                 "input_sets": 1}
