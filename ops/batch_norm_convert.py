@@ -114,6 +114,9 @@ def _left_reason(module: nn.Module, sync: bool) -> str | None:
     if _is_frozen(module):
         return ("frozen batch norm (fixed statistics and affine): left as is, type kept "
                 "(timm's and torchvision's freeze/unfreeze helpers test for it)")
+    if isinstance(module, nn.modules.lazy.LazyModuleMixin):
+        return ("lazy module, parameters not initialised yet: run one forward (it then becomes "
+                "a BatchNorm*d) and convert after")
     if isinstance(module, SyncBatchNorm):
         return "already a fusedgrad SyncBatchNorm"
     if not sync and isinstance(module, _FUSED_TYPES):

@@ -111,6 +111,15 @@ def test_convert_batchnorm_report():
     assert str(report).startswith("converted 2, left 5")
 
 
+def test_lazy_batch_norm_converts_after_its_first_forward():
+    net = nn.Sequential(nn.LazyBatchNorm2d())
+    _, report = fg.convert_batchnorm(net, report=True)
+    assert report.converted == [] and "run one forward" in report.left[0][2]
+    net(torch.randn(2, 3, 4, 4, device=DEVICE))  # LazyBatchNorm2d becomes nn.BatchNorm2d
+    _, report = fg.convert_batchnorm(net, report=True)
+    assert type(net[0]) is fg.BatchNorm2d and report.left == []
+
+
 def _act_net():
     """Conv net with BatchNorm + activation layers (one fusable activation, one not, one
     behind a drop layer) and a plain BatchNorm."""
