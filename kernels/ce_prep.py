@@ -38,6 +38,12 @@ DIVISOR_N_ROWS = 2       # "mean" with probability targets
 DIVISOR_HOST = 3         # "sum" with a Python-number divisor (divisor_hi + divisor_lo)
 DIVISOR_DEVICE = 4       # "sum" with a 0-dim tensor divisor (divisor_ptr)
 
+# The same values inside kernels (a @triton.jit function may read globals only as constexpr).
+_VALID_ROWS = tl.constexpr(DIVISOR_VALID_ROWS)
+_N_ROWS = tl.constexpr(DIVISOR_N_ROWS)
+_HOST = tl.constexpr(DIVISOR_HOST)
+_DEVICE = tl.constexpr(DIVISOR_DEVICE)
+
 # Slots of the reduce buffer (the fused kernel reads slots 0 and 1).
 SLOT_SCALE, SLOT_WEIGHT_SUM, SLOT_DIVISOR, SLOT_N_BAD = 0, 1, 2, 3
 REDUCE_SLOTS = 4
@@ -67,7 +73,7 @@ def ce_prep_kernel(
                    r = outer * n_inner + inner, n_rows = n_outer * n_inner).
       weight_ptr   (n_classes,) class weights of any float dtype, stride weight_stride;
                    read only if HAS_WEIGHT.
-      divisor_ptr  0-dim divisor of any real dtype; read only if DIVISOR_MODE == DIVISOR_DEVICE.
+      divisor_ptr  0-dim divisor of any real dtype; read only if DIVISOR_MODE == _DEVICE.
       reduce_ptr   (4,) fp32 (fp64 if IS_FP64), written: [scale, W, divisor, n_bad].
     Scalars: ignore_index; divisor_hi + divisor_lo (an fp32 pair: the host divisor in
       DIVISOR_HOST mode, ~48 exact bits for fp64).
@@ -108,7 +114,7 @@ def ce_prep_kernel(
             counted = row_mask & (t != ignore_index)
             in_range = (t >= 0) & (t < n_classes)
             bad_acc += (counted & ~in_range).to(tl.int32)
-            if DIVISOR_MODE == DIVISOR_VALID_ROWS:
+            if DIVISOR_MODE == _VALID_ROWS:
                 if HAS_WEIGHT:
                     # A bad index is never an address: it reads class 0 (its row is NaN).
                     safe = tl.where(in_range, t, 0)
@@ -120,13 +126,13 @@ def ce_prep_kernel(
         valid_sum = tl.sum(valid_acc, axis=0)
         tl.device_assert(n_bad == 0, "fusedgrad.cross_entropy: target out of bounds")
 
-    if DIVISOR_MODE == DIVISOR_VALID_ROWS:
+    if DIVISOR_MODE == _VALID_ROWS:
         divisor = valid_sum
-    elif DIVISOR_MODE == DIVISOR_N_ROWS:
+    elif DIVISOR_MODE == _N_ROWS:
         divisor = tl.cast(n_rows, acc_ty)
-    elif DIVISOR_MODE == DIVISOR_HOST:
+    elif DIVISOR_MODE == _HOST:
         divisor = tl.cast(divisor_hi, acc_ty) + tl.cast(divisor_lo, acc_ty)
-    elif DIVISOR_MODE == DIVISOR_DEVICE:
+    elif DIVISOR_MODE == _DEVICE:
         divisor = tl.load(divisor_ptr).to(acc_ty)
     else:
         divisor = tl.full((), 1.0, acc_ty)
