@@ -16,12 +16,13 @@ def _make():
     return {"x": torch.randn(*SHAPE, generator=g).requires_grad_(),
             "running_mean": torch.zeros(c), "running_var": torch.ones(c),
             "weight": torch.randn(c, generator=g).requires_grad_(),
-            "bias": torch.randn(c, generator=g).requires_grad_()}
+            "bias": torch.randn(c, generator=g).requires_grad_(),
+            "residual": torch.randn(*SHAPE, generator=g).requires_grad_()}
 
 
-def _call(fn, inp, training):
+def _call(fn, inp, training, **epilogue):
     return fn(inp["x"], inp["running_mean"], inp["running_var"], inp["weight"], inp["bias"],
-              training=training, momentum=0.1, eps=1e-5)
+              training=training, momentum=0.1, eps=1e-5, **epilogue)
 
 
 def _fused_train(inp):
@@ -53,8 +54,23 @@ def _torch_eval(inp):
         _call(F.batch_norm, inp, False)
 
 
+def _fused_add_relu(inp):
+    import fusedgrad as fg
+
+    _call(fg.batch_norm, inp, True, activation="relu",
+          residual=inp["residual"]).sum().backward()
+
+
+def _torch_add_relu(inp):
+    import torch.nn.functional as F
+
+    F.relu(_call(F.batch_norm, inp, True) + inp["residual"]).sum().backward()
+
+
 _S = "x".join(map(str, SHAPE))
 CASES = [
     HostCase(f"bn train fwd+bwd {_S}", _make, _fused_train, _torch_train),
     HostCase(f"bn eval fwd {_S}", _make, _fused_eval, _torch_eval),
+    # The ResNet epilogue relu(bn(x) + shortcut): one fused op against three torch ops.
+    HostCase(f"bn+add+relu train fwd+bwd {_S}", _make, _fused_add_relu, _torch_add_relu),
 ]

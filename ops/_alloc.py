@@ -35,6 +35,11 @@ def _fill_poison(t: torch.Tensor) -> None:
         t.fill_(-12345)
 
 
+def poisoning() -> bool:
+    """True while outputs are being poisoned (tests)."""
+    return _POISON
+
+
 @contextlib.contextmanager
 def poisoned_outputs(enabled: bool = True):
     """Within the block, outputs allocated by fusedgrad launchers start as NaN."""

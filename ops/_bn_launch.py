@@ -2,24 +2,31 @@
 
 The steps compose into single-process BatchNorm (ops/batch_norm.py) and SyncBatchNorm:
 
-    forward:  stats_partials -> merge_stats(final) -> apply
-              (Sync: stats_partials -> merge_stats(local) -> all_gather -> merge_stats(final))
-    backward: bwd_partials -> bwd_merge -> dx
-              (Sync: ... bwd_merge -> all_reduce(sums) -> dx with the global count)
+    forward:  stats (split partials, merged by the last program) -> apply      2 launches
+              (Sync: stats(local) -> all_gather -> merge_stats_final -> apply)
+    backward: bwd_reduce (partials, merged by the last program) -> grad_input  2 launches
+              (Sync: ... bwd_reduce -> all_reduce(sums) -> grad_input with the global count)
 
-Everything here runs on the host but never reads device data: no synchronisation.
+apply and grad_input carry the fused epilogue act(bn(x) + residual) and its gradient.
+Plans are cached per (shape, strides, dtype, device, target programs); host floats are
+packed once per value. Everything here runs on the host but never reads device data: no
+synchronisation. `plan_batch_norm` states the kernels, launches and bytes of one call
+(what `python -m bench plan --op bn` prints).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
+import struct
 
 import torch
 
 from . import _alloc
-from ._runtime import FP_FUSION, acc_dtype, device_guard, split_f64
+from ._runtime import FP_FUSION, acc_dtype
+from ._runtime import device_guard as _cuda_guard
 from .kernels import batch_norm as bn_kernels
 
 # Elements per tile: 2048 elements = 16 per thread at 4 warps (fp32: four 16-byte loads per
@@ -34,13 +41,25 @@ C_INNER_TILES = ((4, 512), (16, 128), (32, 64), (64, 32), (128, 16))
 # short; 1024 elements (2048 spill in the fp64 reductions; the shapes are those ptxas
 # compiles spill-free, see test_static_compile_sm90).
 FP64_TILES = {"s_inner": (4, 256), "c_inner": (32, 32)}
-# Merge kernels: [MERGE_BLOCK_P parts, MERGE_BLOCK_C channels] per step.
+# Merges: [parts, channels] per step. SyncBatchNorm's merge of per-rank statistics takes
+# [MERGE_BLOCK_P, MERGE_BLOCK_C]; the reductions' last program merges [merge_block_p(BLOCK_C),
+# BLOCK_C] (at most MERGE_ELEMS values per field: wide channel blocks take fewer parts per
+# step, so the merge never needs more registers than the loop before it).
 MERGE_BLOCK_P = 32
+MERGE_ELEMS = 1024
 MERGE_BLOCK_C = 64
 MERGE_NUM_WARPS = 4
+# Activation names -> kernel codes (kernels/batch_norm.py ACT_*); all are fused.
+ACTIVATION_CODES = {"identity": 0, "relu": 1, "silu": 2, "gelu": 3, "gelu_tanh": 4,
+                    "leaky_relu": 5, "hardswish": 6}
+# Entries kept in the plan cache before it is cleared (bounds memory for dynamic shapes).
+PLAN_CACHE_SIZE = 1024
 # Upper bound on splits per channel block: bounds the partial buffers and the merge's work.
 MAX_SPLITS = 512
-# Programs per SM to aim for in the split reductions (several waves hide the tail).
+# Programs per SM to aim for in the split reductions: what fits at once. The offline report
+# (python -m bench static) gives the reductions 120-141 registers per thread at 4 warps on
+# sm_90 (fp32/bf16), so 65536 registers hold floor(65536 / (~128 * 128)) = 4 programs per
+# SM: one full wave, and every program's partial is ready for the last one's merge.
 PROGRAMS_PER_SM = 4
 # Under the interpreter programs run one after another; pretend a small GPU so that the
 # split/merge path is still exercised by small test shapes.
@@ -62,22 +81,35 @@ class Plan:
     orientation: str  # "s_inner" (stride_s == 1) or "c_inner" (stride_c == 1)
     block_c: int
     block_s: int
+    splits: int = 1  # programs per channel block in the reductions
+    tiles_per_split: int = 1
 
-    @property
+    # Derived sizes, computed once per (cached) plan.
+    @functools.cached_property
     def tiles_per_n(self) -> int:
         return max(1, math.ceil(self.S / self.block_s))
 
-    @property
+    @functools.cached_property
     def n_tiles(self) -> int:
         return self.N * self.tiles_per_n
 
-    @property
+    @functools.cached_property
     def n_cblocks(self) -> int:
         return max(1, math.ceil(self.C / self.block_c))
 
-    @property
+    @functools.cached_property
     def strides(self) -> tuple[int, int, int]:
         return self.stride_n, self.stride_c, self.stride_s
+
+    @functools.cached_property
+    def reduce_grid(self) -> tuple[int]:
+        """Grid of the split reductions: splits x channel blocks."""
+        return (self.splits * self.n_cblocks,)
+
+    @functools.cached_property
+    def tile_grid(self) -> tuple[int]:
+        """Grid of the elementwise passes: one program per tile."""
+        return (self.n_tiles * self.n_cblocks,)
 
 
 # ----------------------------------------------------------------------------- layout
@@ -127,11 +159,23 @@ def _ncs(shape, strides):
     return None
 
 
+_SUPPORTED: dict = {}
+
+
 def supported_layout(x: torch.Tensor) -> bool:
-    """True if the kernels read ``x`` in place (metadata only: works on fake tensors)."""
-    if not _is_dense(x):
-        return False
-    return _ncs(tuple(x.shape), tuple(x.stride())) is not None
+    """True if the kernels read ``x`` in place (metadata only: works on fake tensors).
+    Cached per (shape, strides)."""
+    key = (x.shape, x.stride())
+    try:
+        ok = _SUPPORTED.get(key)
+    except TypeError:  # symbolic sizes (fake tensors under torch.compile): not cached
+        return _is_dense(x) and _ncs(tuple(x.shape), tuple(x.stride())) is not None
+    if ok is None:
+        if len(_SUPPORTED) >= PLAN_CACHE_SIZE:
+            _SUPPORTED.clear()
+        ok = _SUPPORTED[key] = _is_dense(x) and _ncs(tuple(x.shape),
+                                                     tuple(x.stride())) is not None
+    return ok
 
 
 def _is_dense(x: torch.Tensor) -> bool:
@@ -167,14 +211,31 @@ def match_layout(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return out
 
 
+_PLANS: dict = {}
+
+
 def make_plan(x: torch.Tensor) -> Plan:
-    """Plan for a prepared (supported-layout) input."""
-    ncs = _ncs(tuple(x.shape), tuple(x.stride()))
+    """Plan for a prepared (supported-layout) input, cached per (shape, strides, dtype,
+    device, target programs): the layout analysis and the split choice run once per shape."""
+    target = target_programs(x.device)
+    key = (x.shape, x.stride(), x.dtype, x.device, target)
+    plan = _PLANS.get(key)
+    if plan is None:
+        if len(_PLANS) >= PLAN_CACHE_SIZE:
+            _PLANS.clear()
+        plan = _PLANS[key] = _new_plan(tuple(x.shape), tuple(x.stride()), x.dtype, target)
+    return plan
+
+
+def _new_plan(shape, strides, dtype, target) -> Plan:
+    ncs = _ncs(shape, strides)
     assert ncs is not None, "prepare_input() first"
     N, C, S, stride_n, stride_c, stride_s = ncs
     orientation = "s_inner" if stride_s == 1 else "c_inner"
-    block_c, block_s = choose_tile(orientation, C, S, x.dtype)
-    return Plan(N, C, S, stride_n, stride_c, stride_s, orientation, block_c, block_s)
+    block_c, block_s = choose_tile(orientation, C, S, dtype)
+    plan = Plan(N, C, S, stride_n, stride_c, stride_s, orientation, block_c, block_s)
+    splits, tiles_per_split = num_splits(plan, target)
+    return dataclasses.replace(plan, splits=splits, tiles_per_split=tiles_per_split)
 
 
 # ----------------------------------------------------------------------------- heuristics
@@ -194,6 +255,11 @@ def choose_tile(orientation: str, C: int, S: int, dtype: torch.dtype) -> tuple[i
         if C <= block_c:
             return block_c, block_s
     return C_INNER_TILES[-1]
+
+
+def merge_block_p(block_c: int) -> int:
+    """Parts per merge step in a reduction's last program (a power of two <= MERGE_BLOCK_P)."""
+    return max(1, min(MERGE_BLOCK_P, MERGE_ELEMS // block_c))
 
 
 @functools.cache
@@ -222,126 +288,197 @@ def num_splits(plan: Plan, target: int) -> tuple[int, int]:
 # ----------------------------------------------------------------------------- launchers
 
 
+@functools.lru_cache(maxsize=256)
+def host_pair(value: float) -> tuple[float, float]:
+    """value = hi + lo with hi, lo fp32 (see kernels' _host_float), packed once per value."""
+    hi = struct.unpack("f", struct.pack("f", value))[0]
+    lo = struct.unpack("f", struct.pack("f", value - hi))[0]
+    return hi, lo
+
+
+_TICKETS: dict = {}
+_WORKSPACES: dict = {}
+
+
+def _stream_key(device: torch.device):
+    if device.type == "cuda":
+        return device.index, torch.cuda.current_stream(device).cuda_stream
+    return device.type
+
+
+def _tickets(device: torch.device, n: int) -> torch.Tensor:
+    """Zeroed int32 counters for the reductions' last-program merge, one per channel block.
+    Each launch leaves them zero again, so one buffer per (device, stream) serves every
+    launch in stream order (kept alive here: a CUDA graph replays with the same buffer)."""
+    key = _stream_key(device)
+    t = _TICKETS.get(key)
+    if t is None or t.numel() < n:
+        t = _TICKETS[key] = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
+    return t
+
+
+def _workspace(device: torch.device, dtype: torch.dtype, n: int) -> torch.Tensor:
+    """Scratch for a reduction's split partials. They live only within one launch (its last
+    program merges them), so launches in stream order share one buffer per (device, stream,
+    dtype); it only grows. Under test poisoning a fresh NaN-filled buffer every time."""
+    if _alloc.poisoning():
+        return _alloc.empty((n,), dtype=dtype, device=device)
+    key = (_stream_key(device), dtype)
+    t = _WORKSPACES.get(key)
+    if t is None or t.numel() < n:
+        t = _WORKSPACES[key] = torch.empty(max(n, 4096), dtype=dtype, device=device)
+    return t
+
+
+_NO_GUARD = contextlib.nullcontext()
+
+
+def device_guard(x: torch.Tensor):
+    """x's CUDA device made current around a launch (a shared no-op context elsewhere)."""
+    return _cuda_guard(x) if x.is_cuda else _NO_GUARD
+
+
 def _meta(plan: Plan) -> dict:
     return dict(BLOCK_C=plan.block_c, BLOCK_S=plan.block_s, num_warps=NUM_WARPS,
                 enable_fp_fusion=FP_FUSION)
 
 
-def stats_partials(x: torch.Tensor, plan: Plan) -> tuple[torch.Tensor, torch.Tensor]:
-    """(part [3, P, C], shift [C]) acc: per-split (count, mean - shift, M2). One read of x."""
-    splits, tiles_per_split = num_splits(plan, target_programs(x.device))
-    part = _alloc.empty((3, splits, plan.C), dtype=acc_dtype(x.dtype), device=x.device)
-    shift = _alloc.empty((plan.C,), dtype=acc_dtype(x.dtype), device=x.device)
+def stats(x: torch.Tensor, plan: Plan, eps: float, running_mean=None, running_var=None,
+          num_batches_tracked=None, momentum: float = 0.0, cumulative: bool = False,
+          final: bool = True) -> torch.Tensor:
+    """Batch statistics in one launch. final: [2, C] acc (mean, invstd), updating the running
+    buffers (acc dtype, in place) if given (cumulative: factor 1 / num_batches_tracked, read
+    on the device); not final: [3, C] acc (count, mean, M2), a rank's local statistics."""
+    acc = acc_dtype(x.dtype)
+    dev = x.device
+    part = _workspace(dev, acc, 3 * plan.splits * plan.C)
+    out = _alloc.empty((2 if final else 3, plan.C), dtype=acc, device=dev)
+    update = final and running_mean is not None
+    nbt = num_batches_tracked if (update and cumulative) else None
     with device_guard(x):
-        bn_kernels.bn_stats_partial_kernel[(splits * plan.n_cblocks,)](
-            x, part, shift, plan.C, plan.S, *plan.strides,
-            plan.tiles_per_n, tiles_per_split, plan.n_tiles, splits, splits * plan.C,
-            **_meta(plan))
-    return part, shift
+        bn_kernels.bn_stats_kernel[plan.reduce_grid](
+            x, part, _tickets(dev, plan.n_cblocks), out,
+            running_mean if update else out, running_var if update else out,
+            nbt if nbt is not None else _dummy_i64(dev),
+            plan.C, plan.S, *plan.strides,
+            plan.tiles_per_n, plan.tiles_per_split, plan.n_tiles, plan.splits,
+            plan.splits * plan.C, *host_pair(float(momentum)), *host_pair(float(eps)),
+            final=int(final), update_running=int(update), cumulative=int(nbt is not None),
+            BLOCK_P=merge_block_p(plan.block_c), **_meta(plan))
+    return out
+
+
+def stats_local(x: torch.Tensor, plan: Plan) -> torch.Tensor:
+    """[3, C] acc: this rank's (count, mean, M2), one launch (SyncBatchNorm)."""
+    return stats(x, plan, 0.0, final=False)
 
 
 def _merge_grid(C: int):
     return (max(1, math.ceil(C / MERGE_BLOCK_C)),)
 
 
-def merge_stats_local(part: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """[3, C] acc: (count, mean, M2) merged over stats_partials' parts in order (a rank's
-    local statistics)."""
-    _, n_parts, C = part.shape
-    out = _alloc.empty((3, C), dtype=part.dtype, device=part.device)
-    with device_guard(part):
-        bn_kernels.bn_merge_stats_kernel[_merge_grid(C)](
-            part, n_parts, C, C, n_parts * C, shift, 1, out[0], out[1], out[2],
-            out, out, _dummy_i64(part.device), 0.0, 0.0, 0.0, 0.0, 0, 0, 0, 0,
-            BLOCK_P=MERGE_BLOCK_P, BLOCK_C=MERGE_BLOCK_C, num_warps=MERGE_NUM_WARPS,
-            enable_fp_fusion=FP_FUSION)
-    return out
-
-
 def merge_stats_final(part: torch.Tensor, part_stride: int, field_stride: int, n_parts: int,
                       C: int, eps: float, running_mean=None, running_var=None,
                       num_batches_tracked=None, momentum: float = 0.0,
-                      cumulative: bool = False, want_count: bool = False, shift=None):
-    """(mean, invstd[, count]) [C] acc, merged over the parts in order; updates the running
-    buffers (acc dtype, in place) if given. shift: [C] the part means are relative to."""
+                      cumulative: bool = False, want_count: bool = False):
+    """(mean, invstd[, count]) [C] acc, merged over per-rank (count, mean, M2) parts in order
+    (part p, field f, channel c at p * part_stride + f * field_stride + c); updates the
+    running buffers (acc dtype, in place) if given."""
     dev = part.device
-    mean = _alloc.empty((C,), dtype=part.dtype, device=dev)
-    invstd = _alloc.empty((C,), dtype=part.dtype, device=dev)
-    count = _alloc.empty((C,), dtype=part.dtype, device=dev) if want_count else mean
+    out = _alloc.empty((3 if want_count else 2, C), dtype=part.dtype, device=dev)
     update = running_mean is not None
     nbt = num_batches_tracked if (cumulative and num_batches_tracked is not None) else None
     with device_guard(part):
-        bn_kernels.bn_merge_stats_kernel[_merge_grid(C)](
-            part, n_parts, C, part_stride, field_stride,
-            shift if shift is not None else mean, int(shift is not None), mean, invstd, count,
-            running_mean if update else mean, running_var if update else mean,
-            nbt if nbt is not None else _dummy_i64(dev), *split_f64(float(momentum)),
-            *split_f64(float(eps)), 1, int(update), int(nbt is not None), int(want_count),
+        bn_kernels.bn_merge_final_kernel[_merge_grid(C)](
+            part, n_parts, C, part_stride, field_stride, out,
+            running_mean if update else out, running_var if update else out,
+            nbt if nbt is not None else _dummy_i64(dev), *host_pair(float(momentum)),
+            *host_pair(float(eps)), update_running=int(update),
+            cumulative=int(nbt is not None), write_count=int(want_count),
             BLOCK_P=MERGE_BLOCK_P, BLOCK_C=MERGE_BLOCK_C, num_warps=MERGE_NUM_WARPS,
             enable_fp_fusion=FP_FUSION)
-    return (mean, invstd, count) if want_count else (mean, invstd)
+    return tuple(out.unbind(0))
 
 
 def apply(x: torch.Tensor, plan: Plan, mean, scale, scale_is_var: bool, weight, bias,
-          eps: float) -> torch.Tensor:
-    """y = (x - mean) * invstd * weight + bias in x's layout and dtype. weight/bias: acc or None."""
+          eps: float, residual=None, activation: str = "identity", slope: float = 0.0,
+          reverse: bool = False) -> torch.Tensor:
+    """y = act((x - mean) * invstd * weight + bias + residual) in x's layout and dtype.
+    weight/bias: acc or None; residual: x's strides and dtype, or None. reverse: visit tiles
+    from the end (right after a reduction over x, whose last tiles are still in L2)."""
     y = output_like(x)
     with device_guard(x):
-        bn_kernels.bn_apply_kernel[(plan.n_tiles * plan.n_cblocks,)](
-            x, y, mean, scale, weight if weight is not None else mean,
-            bias if bias is not None else mean,
+        bn_kernels.bn_apply_kernel[plan.tile_grid](
+            x, residual if residual is not None else x, y, mean, scale,
+            weight if weight is not None else mean, bias if bias is not None else mean,
             plan.C, plan.S, *plan.strides, plan.tiles_per_n, plan.n_tiles,
-            *split_f64(float(eps)), int(scale_is_var), int(weight is not None),
-            int(bias is not None), **_meta(plan))
+            *host_pair(float(eps)), *host_pair(float(slope)),
+            scale_is_var=int(scale_is_var), has_weight=int(weight is not None),
+            has_bias=int(bias is not None), has_residual=int(residual is not None),
+            reverse=int(reverse), ACTIVATION=ACTIVATION_CODES[activation], **_meta(plan))
     return y
 
 
-def bwd_partials(x: torch.Tensor, dy: torch.Tensor, plan: Plan, mean, scale,
-                 scale_is_var: bool, eps: float) -> torch.Tensor:
-    """[2, P, C] acc: per-split (sum dy, sum dy * x_hat). One read of x and dy."""
-    splits, tiles_per_split = num_splits(plan, target_programs(x.device))
-    part = _alloc.empty((2, splits, plan.C), dtype=acc_dtype(x.dtype), device=x.device)
+def bwd_reduce(x: torch.Tensor, dy: torch.Tensor, plan: Plan, mean, scale, scale_is_var: bool,
+               eps: float, want_grads: bool, weight=None, bias=None, residual=None,
+               activation: str = "identity", slope: float = 0.0):
+    """(sums [2, C], grad_weight [C], grad_bias [C]) acc in one launch: sum g and
+    sum g * x_hat with g = dy * act'(z). Without want_grads the two gradients are empty."""
+    acc = acc_dtype(x.dtype)
+    dev = x.device
+    C = plan.C
+    part = _workspace(dev, acc, 2 * plan.splits * C)
+    sums = _alloc.empty((2, C), dtype=acc, device=dev)
+    gw = _alloc.empty((C if want_grads else 0,), dtype=acc, device=dev)
+    gb = _alloc.empty((C if want_grads else 0,), dtype=acc, device=dev)
     with device_guard(x):
-        bn_kernels.bn_bwd_partial_kernel[(splits * plan.n_cblocks,)](
-            x, dy, mean, scale, part, plan.C, plan.S, *plan.strides,
-            plan.tiles_per_n, tiles_per_split, plan.n_tiles, splits, splits * plan.C,
-            *split_f64(float(eps)), int(scale_is_var), **_meta(plan))
-    return part
-
-
-def bwd_merge(part: torch.Tensor, want_grads: bool):
-    """(sums [2, C], grad_weight [C], grad_bias [C]) acc from [2, P, C] partials, in order.
-    Without want_grads the two gradients are empty."""
-    _, n_parts, C = part.shape
-    dev = part.device
-    sums = _alloc.empty((2, C), dtype=part.dtype, device=dev)
-    gw = _alloc.empty((C if want_grads else 0,), dtype=part.dtype, device=dev)
-    gb = _alloc.empty((C if want_grads else 0,), dtype=part.dtype, device=dev)
-    with device_guard(part):
-        bn_kernels.bn_bwd_merge_kernel[_merge_grid(C)](
-            part, n_parts, C, C, n_parts * C, sums,
-            gw if want_grads else sums, gb if want_grads else sums, int(want_grads),
-            BLOCK_P=MERGE_BLOCK_P, BLOCK_C=MERGE_BLOCK_C, num_warps=MERGE_NUM_WARPS,
-            enable_fp_fusion=FP_FUSION)
+        bn_kernels.bn_bwd_reduce_kernel[plan.reduce_grid](
+            x, dy, residual if residual is not None else x, mean, scale,
+            weight if weight is not None else mean, bias if bias is not None else mean,
+            part, _tickets(dev, plan.n_cblocks), sums,
+            gw if want_grads else sums, gb if want_grads else sums,
+            C, plan.S, *plan.strides, plan.tiles_per_n, plan.tiles_per_split, plan.n_tiles,
+            plan.splits, plan.splits * C, *host_pair(float(eps)), *host_pair(float(slope)),
+            scale_is_var=int(scale_is_var), has_weight=int(weight is not None),
+            has_bias=int(bias is not None), has_residual=int(residual is not None), reverse=0,
+            write_grads=int(want_grads), ACTIVATION=ACTIVATION_CODES[activation],
+            BLOCK_P=merge_block_p(plan.block_c), **_meta(plan))
     return sums, gw, gb
+
+
+def grad_input(x: torch.Tensor, dy: torch.Tensor, plan: Plan, mean, scale, scale_is_var: bool,
+               weight, sums, count, training: bool, eps: float, bias=None, residual=None,
+               activation: str = "identity", slope: float = 0.0, want_dx: bool = True,
+               want_dres: bool = False, reverse: bool = False):
+    """(dx, d(residual)) in x's layout and dtype (each None unless asked for). count: an
+    integer (m, passed exactly), or a [C] acc tensor holding a count known only on the
+    device (SyncBatchNorm). sums: [2, C] acc from bwd_reduce (ignored in eval). residual:
+    read when an activation needs z (pass it whenever the forward had one)."""
+    dx_out = output_like(x) if want_dx else None
+    dres = output_like(x) if want_dres else None
+    count_is_tensor = isinstance(count, torch.Tensor)
+    with device_guard(x):
+        bn_kernels.bn_bwd_dx_kernel[plan.tile_grid](
+            x, dy, residual if residual is not None else x,
+            dx_out if want_dx else x, dres if want_dres else x, mean, scale,
+            weight if weight is not None else mean, bias if bias is not None else mean,
+            sums if sums is not None else mean, count if count_is_tensor else mean,
+            0 if count_is_tensor else int(count),
+            plan.C, plan.S, *plan.strides, plan.tiles_per_n, plan.n_tiles,
+            *host_pair(float(eps)), *host_pair(float(slope)),
+            scale_is_var=int(scale_is_var), has_weight=int(weight is not None),
+            has_bias=int(bias is not None), has_residual=int(residual is not None),
+            reverse=int(reverse), training=int(training), count_from_ptr=int(count_is_tensor),
+            write_dx=int(want_dx), write_dres=int(want_dres),
+            ACTIVATION=ACTIVATION_CODES[activation], **_meta(plan))
+    return dx_out, dres
 
 
 def dx(x: torch.Tensor, dy: torch.Tensor, plan: Plan, mean, scale, scale_is_var: bool, weight,
        sums, count, training: bool, eps: float) -> torch.Tensor:
-    """Input gradient in x's layout and dtype. count: an integer (m, passed exactly), or a [C]
-    acc tensor holding a count known only on the device (SyncBatchNorm). sums: [2, C] acc
-    (ignored in eval)."""
-    out = output_like(x)
-    count_is_tensor = isinstance(count, torch.Tensor)
-    with device_guard(x):
-        bn_kernels.bn_bwd_dx_kernel[(plan.n_tiles * plan.n_cblocks,)](
-            x, dy, out, mean, scale, weight if weight is not None else mean,
-            sums if sums is not None else mean, count if count_is_tensor else mean,
-            0 if count_is_tensor else int(count),
-            plan.C, plan.S, *plan.strides, plan.tiles_per_n, plan.n_tiles,
-            *split_f64(float(eps)), int(scale_is_var), int(weight is not None),
-            int(training), int(count_is_tensor), **_meta(plan))
-    return out
+    """Input gradient of plain BatchNorm (no epilogue): grad_input's dx."""
+    return grad_input(x, dy, plan, mean, scale, scale_is_var, weight, sums, count, training,
+                      eps)[0]
 
 
 _DUMMIES: dict = {}
@@ -349,10 +486,105 @@ _DUMMIES: dict = {}
 
 def _dummy_i64(device: torch.device) -> torch.Tensor:
     """A never-dereferenced int64 pointer argument (keeps the kernel signature fixed)."""
-    key = str(device)
-    if key not in _DUMMIES:
-        _DUMMIES[key] = torch.zeros(1, dtype=torch.int64, device=device)
-    return _DUMMIES[key]
+    t = _DUMMIES.get(device)
+    if t is None:
+        t = _DUMMIES[device] = torch.zeros(1, dtype=torch.int64, device=device)
+    return t
+
+
+# ----------------------------------------------------------------------------- plan and bytes
+
+
+def kernel_accesses(kernel: str, training: bool, activation: str, residual: bool) -> int:
+    """Tensor-sized accesses (reads + writes of one element) a kernel makes per element: the
+    bytes model of each kernel's docstring, in one place."""
+    act = activation != "identity"
+    if kernel == "stats":
+        return 1                                    # read x
+    if kernel == "apply":
+        return 2 + residual                         # read x [+ residual], write y
+    if kernel == "bwd_reduce":
+        return 2 + (act and residual)               # read x, dy [+ residual under act]
+    if kernel == "bwd_dx":
+        return (1 + (training or act)               # read dy, x (if needed)
+                + (act and residual)                # read residual (z needs it)
+                + 1 + residual)                     # write dx [and d(residual)]
+    raise ValueError(kernel)
+
+
+def torch_accesses(training: bool, activation: str, residual: bool) -> int:
+    """The same count for torch's eager ops (separate BatchNorm, add and activation kernels):
+    BN forward 3 (training: statistics read + normalise read/write) or 2, add 3, activation
+    2; backward: activation 3 (read dy and its input/output, write), add 0 (the gradient is
+    passed on), BN 5 (training: reduction read x, dy + dx read x, dy, write) or 2."""
+    act = activation != "identity"
+    fwd = (3 if training else 2) + 3 * residual + 2 * act
+    bwd = 3 * act + (5 if training else 2)
+    return fwd + bwd
+
+
+@dataclasses.dataclass
+class BNPlan:
+    """What one fg.batch_norm call does: the launcher's own choices, for the bench plan and
+    the benchmarks' bytes models."""
+
+    layout: Plan
+    kernels_fwd: list  # [(kernel name, grid, constexprs)]
+    kernels_bwd: list
+    accesses_fwd: int  # per element, in units of the element size
+    accesses_bwd: int
+    torch_accesses_fwd_bwd: int
+
+    @property
+    def launches_fwd(self) -> int:
+        return len(self.kernels_fwd)
+
+    @property
+    def launches_bwd(self) -> int:
+        return len(self.kernels_bwd)
+
+    @property
+    def bytes_per_elem_fwd_bwd(self) -> int:
+        """Accesses per element of a forward + backward (units of the element size)."""
+        return self.accesses_fwd + self.accesses_bwd
+
+    def hbm_bytes(self, elem_size: int, fwd_only: bool = False) -> int:
+        n = self.layout.N * self.layout.C * self.layout.S
+        acc = self.accesses_fwd if fwd_only else self.bytes_per_elem_fwd_bwd
+        return n * acc * elem_size
+
+
+def plan_batch_norm(shape, dtype, *, channels_last: bool = False, training: bool = True,
+                    activation: str = "identity", residual: bool = False,
+                    sm_count: int | None = None) -> BNPlan:
+    """The kernels, grids and bytes of one forward + backward (all gradients) of
+    fg.batch_norm on an input of ``shape`` (channels_last: the NHWC / NDHWC layout).
+    sm_count: the GPU's SMs (default: this machine's device, else 132, an H100)."""
+    memory_format = torch.contiguous_format
+    if channels_last:
+        memory_format = torch.channels_last if len(shape) == 4 else torch.channels_last_3d
+    x = torch.empty(shape, dtype=dtype, device="meta").contiguous(memory_format=memory_format)
+    if sm_count is None:
+        sm_count = _sm_count(torch.cuda.current_device()) if torch.cuda.is_available() else 132
+    lay = _new_plan(tuple(x.shape), tuple(x.stride()), dtype, PROGRAMS_PER_SM * sm_count)
+    code = ACTIVATION_CODES[activation]
+    tile = dict(BLOCK_C=lay.block_c, BLOCK_S=lay.block_s)
+    red = dict(tile, BLOCK_P=merge_block_p(lay.block_c))
+    fwd, bwd = [], []
+    if training:
+        fwd.append(("bn_stats_kernel", lay.reduce_grid, red))
+    fwd.append(("bn_apply_kernel", lay.tile_grid, dict(tile, ACTIVATION=code)))
+    bwd.append(("bn_bwd_reduce_kernel", lay.reduce_grid, dict(red, ACTIVATION=code)))
+    bwd.append(("bn_bwd_dx_kernel", lay.tile_grid, dict(tile, ACTIVATION=code)))
+    names = {"bn_stats_kernel": "stats", "bn_apply_kernel": "apply",
+             "bn_bwd_reduce_kernel": "bwd_reduce", "bn_bwd_dx_kernel": "bwd_dx"}
+
+    def total(kernels):
+        return sum(kernel_accesses(names[k], training, activation, residual)
+                   for k, _, _ in kernels)
+
+    return BNPlan(lay, fwd, bwd, total(fwd), total(bwd),
+                  torch_accesses(training, activation, residual))
 
 
 # ----------------------------------------------------------------------------- static configs
@@ -367,80 +599,108 @@ def _tiles_for(dtype: torch.dtype, orientation: str):
     return list(S_INNER_TILES if orientation == "s_inner" else C_INNER_TILES)
 
 
+# The epilogue kernels compile without an activation for every tile, and with each
+# activation for the last tile of each (dtype, orientation): every tile holds the same 2048
+# (fp64: 1024) elements, so registers depend on the activation and the dtype, not on the
+# tile's shape. fp16 compiles like bf16 and is left out of the activation sweep.
+STATIC_ACTIVATION_DTYPES = (torch.float32, torch.bfloat16, torch.float64)
+
+
+def _tiled_config(name, fn, sig, dtype, orientation, unit, block_c, block_s, constexprs):
+    from .static_check import KernelConfig
+
+    # Sizes and strides divisible by 16: the widest-vector variant. Triton also builds
+    # variants for other divisibilities; they differ only in load width.
+    aligned = tuple(a for a in sig if a.endswith("_ptr"))
+    aligned += tuple(s for s in ("C", "S", "stride_n", "stride_c", "stride_s")
+                     if sig[s] != "constexpr")
+    tag = "".join(f",{v}" for v in constexprs.values())
+    return KernelConfig(
+        name=f"bn_{name}[{_TL[dtype]},{orientation},{block_c}x{block_s}{tag}]",
+        fn=fn, signature=sig,
+        constexprs={unit: 1, "BLOCK_C": block_c, "BLOCK_S": block_s, **constexprs},
+        num_warps=NUM_WARPS, aligned=aligned)
+
+
 def static_configs():
     """Every kernel configuration the heuristics above can choose (for offline compilation):
-    4 tiled kernels x dtype x orientation x tile table, plus the two merges per acc dtype."""
+    the statistics and the three epilogue kernels x dtype x orientation x tile table (the
+    epilogue kernels with the activations above), plus SyncBatchNorm's merge per acc dtype."""
     from .static_check import KernelConfig
 
     k = bn_kernels
     configs = []
+    flags = {f: "i32" for f in ("scale_is_var", "has_weight", "has_bias", "has_residual",
+                                "reverse")}
     for dtype in DTYPES:
         x, acc = "*" + _TL[dtype], "*" + _TL[acc_dtype(dtype)]
         for orientation in ("s_inner", "c_inner"):
             unit = "stride_s" if orientation == "s_inner" else "stride_c"
             strides = {"stride_n": "i32", "stride_c": "i32", "stride_s": "i32"}
             strides[unit] = "constexpr"
-            tiled = {
-                "stats_partial": (k.bn_stats_partial_kernel, {
-                    "x_ptr": x, "part_ptr": acc, "shift_ptr": acc, "C": "i32", "S": "i32",
-                    **strides,
-                    "tiles_per_n": "i32", "tiles_per_split": "i32", "n_tiles": "i32",
-                    "n_splits": "i32", "part_field_stride": "i32"}),
-                "apply": (k.bn_apply_kernel, {
-                    "x_ptr": x, "y_ptr": x, "mean_ptr": acc, "scale_ptr": acc,
-                    "weight_ptr": acc, "bias_ptr": acc, "C": "i32", "S": "i32", **strides,
-                    "tiles_per_n": "i32", "n_tiles": "i32", "eps_hi": "fp32", "eps_lo": "fp32",
-                    "scale_is_var": "i32",
-                    "has_weight": "i32", "has_bias": "i32"}),
-                "bwd_partial": (k.bn_bwd_partial_kernel, {
-                    "x_ptr": x, "dy_ptr": x, "mean_ptr": acc, "scale_ptr": acc,
-                    "part_ptr": acc, "C": "i32", "S": "i32", **strides,
-                    "tiles_per_n": "i32", "tiles_per_split": "i32", "n_tiles": "i32",
-                    "n_splits": "i32", "part_field_stride": "i32", "eps_hi": "fp32",
-                    "eps_lo": "fp32", "scale_is_var": "i32"}),
-                "bwd_dx": (k.bn_bwd_dx_kernel, {
-                    "x_ptr": x, "dy_ptr": x, "dx_ptr": x, "mean_ptr": acc, "scale_ptr": acc,
-                    "weight_ptr": acc, "sums_ptr": acc, "count_ptr": acc, "count": "i32",
-                    "C": "i32", "S": "i32", **strides, "tiles_per_n": "i32", "n_tiles": "i32",
-                    "eps_hi": "fp32", "eps_lo": "fp32",
-                    "scale_is_var": "i32", "has_weight": "i32", "training": "i32",
-                    "count_from_ptr": "i32"}),
-            }
-            for block_c, block_s in _tiles_for(dtype, orientation):
-                for name, (fn, sig) in tiled.items():
-                    sig = dict(sig, BLOCK_C="constexpr", BLOCK_S="constexpr")
-                    aligned = tuple(a for a in sig if a.endswith("_ptr"))
-                    # Sizes and strides divisible by 16: the widest-vector variant. Triton
-                    # also builds variants for other divisibilities; they differ only in
-                    # load width.
-                    aligned += tuple(s for s in ("C", "S", "stride_n", "stride_c", "stride_s")
-                                     if sig[s] != "constexpr")
-                    configs.append(KernelConfig(
-                        name=f"bn_{name}[{_TL[dtype]},{orientation},{block_c}x{block_s}]",
-                        fn=fn, signature=sig,
-                        constexprs={unit: 1, "BLOCK_C": block_c, "BLOCK_S": block_s},
-                        num_warps=NUM_WARPS, aligned=aligned))
+            stats_sig = {
+                "x_ptr": x, "part_ptr": acc, "ticket_ptr": "*i32", "out_ptr": acc,
+                "running_mean_ptr": acc, "running_var_ptr": acc, "nbt_ptr": "*i64",
+                "C": "i32", "S": "i32", **strides,
+                "tiles_per_n": "i32", "tiles_per_split": "i32", "n_tiles": "i32",
+                "n_splits": "i32", "part_field_stride": "i32",
+                "momentum_hi": "fp32", "momentum_lo": "fp32", "eps_hi": "fp32", "eps_lo": "fp32",
+                "final": "i32", "update_running": "i32", "cumulative": "i32",
+                "BLOCK_C": "constexpr", "BLOCK_S": "constexpr", "BLOCK_P": "constexpr"}
+            apply_sig = {
+                "x_ptr": x, "res_ptr": x, "y_ptr": x, "mean_ptr": acc, "scale_ptr": acc,
+                "weight_ptr": acc, "bias_ptr": acc, "C": "i32", "S": "i32", **strides,
+                "tiles_per_n": "i32", "n_tiles": "i32", "eps_hi": "fp32", "eps_lo": "fp32",
+                "slope_hi": "fp32", "slope_lo": "fp32", **flags,
+                "ACTIVATION": "constexpr", "BLOCK_C": "constexpr", "BLOCK_S": "constexpr"}
+            reduce_sig = {
+                "x_ptr": x, "dy_ptr": x, "res_ptr": x, "mean_ptr": acc, "scale_ptr": acc,
+                "weight_ptr": acc, "bias_ptr": acc, "part_ptr": acc, "ticket_ptr": "*i32",
+                "sums_ptr": acc, "grad_weight_ptr": acc, "grad_bias_ptr": acc,
+                "C": "i32", "S": "i32", **strides,
+                "tiles_per_n": "i32", "tiles_per_split": "i32", "n_tiles": "i32",
+                "n_splits": "i32", "part_field_stride": "i32", "eps_hi": "fp32",
+                "eps_lo": "fp32", "slope_hi": "fp32", "slope_lo": "fp32", **flags,
+                "write_grads": "i32", "ACTIVATION": "constexpr", "BLOCK_C": "constexpr",
+                "BLOCK_S": "constexpr", "BLOCK_P": "constexpr"}
+            dx_sig = {
+                "x_ptr": x, "dy_ptr": x, "res_ptr": x, "dx_ptr": x, "dres_ptr": x,
+                "mean_ptr": acc, "scale_ptr": acc, "weight_ptr": acc, "bias_ptr": acc,
+                "sums_ptr": acc, "count_ptr": acc, "count": "i32",
+                "C": "i32", "S": "i32", **strides, "tiles_per_n": "i32", "n_tiles": "i32",
+                "eps_hi": "fp32", "eps_lo": "fp32", "slope_hi": "fp32", "slope_lo": "fp32",
+                **flags, "training": "i32", "count_from_ptr": "i32", "write_dx": "i32",
+                "write_dres": "i32", "ACTIVATION": "constexpr", "BLOCK_C": "constexpr",
+                "BLOCK_S": "constexpr"}
+            tiles = _tiles_for(dtype, orientation)
+            for i, (block_c, block_s) in enumerate(tiles):
+                where = (dtype, orientation, unit, block_c, block_s)
+                block_p = merge_block_p(block_c)
+                configs.append(_tiled_config("stats", k.bn_stats_kernel, stats_sig, *where,
+                                             {"BLOCK_P": block_p}))
+                acts = ["identity"]
+                if i == len(tiles) - 1 and dtype in STATIC_ACTIVATION_DTYPES:
+                    acts = list(ACTIVATION_CODES)
+                for act in acts:
+                    code = ACTIVATION_CODES[act]
+                    configs += [
+                        _tiled_config(f"apply_{act}", k.bn_apply_kernel, apply_sig, *where,
+                                      {"ACTIVATION": code}),
+                        _tiled_config(f"bwd_reduce_{act}", k.bn_bwd_reduce_kernel, reduce_sig,
+                                      *where, {"ACTIVATION": code, "BLOCK_P": block_p}),
+                        _tiled_config(f"bwd_dx_{act}", k.bn_bwd_dx_kernel, dx_sig, *where,
+                                      {"ACTIVATION": code})]
     for acc_dt in (torch.float32, torch.float64):
         acc = "*" + _TL[acc_dt]
-        merges = {
-            "merge_stats": (k.bn_merge_stats_kernel, {
-                "part_ptr": acc, "n_parts": "i32", "C": "i32", "part_stride": "i32",
-                "field_stride": "i32", "shift_ptr": acc, "has_shift": "i32",
-                "out0_ptr": acc, "out1_ptr": acc, "out2_ptr": acc,
-                "running_mean_ptr": acc, "running_var_ptr": acc, "nbt_ptr": "*i64",
-                "momentum_hi": "fp32", "momentum_lo": "fp32", "eps_hi": "fp32",
-                "eps_lo": "fp32", "final": "i32", "update_running": "i32",
-                "cumulative": "i32", "write_count": "i32"}),
-            "bwd_merge": (k.bn_bwd_merge_kernel, {
-                "part_ptr": acc, "n_parts": "i32", "C": "i32", "part_stride": "i32",
-                "field_stride": "i32", "sums_ptr": acc, "grad_weight_ptr": acc,
-                "grad_bias_ptr": acc, "write_grads": "i32"}),
-        }
-        for name, (fn, sig) in merges.items():
-            sig = dict(sig, BLOCK_P="constexpr", BLOCK_C="constexpr")
-            configs.append(KernelConfig(
-                name=f"bn_{name}[{_TL[acc_dt]}]", fn=fn, signature=sig,
-                constexprs={"BLOCK_P": MERGE_BLOCK_P, "BLOCK_C": MERGE_BLOCK_C},
-                num_warps=MERGE_NUM_WARPS,
-                aligned=tuple(a for a in sig if a.endswith("_ptr"))))
+        sig = {
+            "part_ptr": acc, "n_parts": "i32", "C": "i32", "part_stride": "i32",
+            "field_stride": "i32", "out_ptr": acc, "running_mean_ptr": acc,
+            "running_var_ptr": acc, "nbt_ptr": "*i64", "momentum_hi": "fp32",
+            "momentum_lo": "fp32", "eps_hi": "fp32", "eps_lo": "fp32", "update_running": "i32",
+            "cumulative": "i32", "write_count": "i32", "BLOCK_P": "constexpr",
+            "BLOCK_C": "constexpr"}
+        configs.append(KernelConfig(
+            name=f"bn_merge_final[{_TL[acc_dt]}]", fn=k.bn_merge_final_kernel, signature=sig,
+            constexprs={"BLOCK_P": MERGE_BLOCK_P, "BLOCK_C": MERGE_BLOCK_C},
+            num_warps=MERGE_NUM_WARPS, aligned=tuple(a for a in sig if a.endswith("_ptr"))))
     return configs

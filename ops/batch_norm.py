@@ -1,13 +1,20 @@
-"""fusedgrad.batch_norm: a drop-in for F.batch_norm with a single-pass backward reduction.
+"""fusedgrad.batch_norm: a drop-in for F.batch_norm with a single-pass backward reduction and
+an optional fused epilogue, act(bn(x) + residual).
 
-Custom ops (namespace ``fusedgrad``), each with a fake implementation so that
-``torch.compile(fullgraph=True)`` traces through them:
+Two ways into the same launchers (ops/_bn_launch.py), sharing ``_forward_core`` and
+``_backward_core``:
 
-- ``batch_norm_train``: batch statistics (split reduction + fixed-order merge), normalise,
-  running-buffer update on the device (mutates ``running_mean`` / ``running_var``).
-- ``batch_norm_eval``: one elementwise pass with the running statistics.
-- ``batch_norm_backward``: one reduction pass over x and dy for (sum dy, sum dy * x_hat),
-  then one elementwise pass for dx; dgamma = sum dy * x_hat, dbeta = sum dy.
+- eager (the default): an autograd.Function; a training step is four launches
+  (statistics, normalise, backward reduction, dx) and nothing else on the device;
+- under ``torch.compile``: custom ops (namespace ``fusedgrad``) with fake implementations,
+  so that ``torch.compile(fullgraph=True)`` traces through them:
+  ``batch_norm_stats`` (batch statistics and the running-buffer update; mutates
+  ``running_mean`` / ``running_var``), ``batch_norm_train`` / ``batch_norm_eval`` (the
+  normalise pass with the epilogue) and ``batch_norm_backward``.
+
+The backward recomputes the pre-activation z from x, the residual and the saved statistics
+(it is never stored), then dx = w * invstd / m * (m g - sum g - x_hat sum g x_hat) with
+g = dy * act'(z), dgamma = sum g x_hat, dbeta = sum g, d(residual) = g.
 
 Statistics, weights and gradients of weights are computed in float32 (float64 for float64
 input); weights of another dtype are converted for the kernels and gradients converted back.
@@ -17,11 +24,21 @@ import math
 
 import torch
 
-from . import _alloc
 from . import _bn_launch as L
-from ._runtime import check_device, check_same_device
+from ._runtime import check_device, check_same_device, interpreter_active
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+_INTERPRETING: list = []
+
+
+def _interpreting() -> bool:
+    # Fixed for the process (Triton chose its backend when it was first imported), so it is
+    # looked up once: interpreter_active() imports and inspects on every call.
+    if not _INTERPRETING:
+        _INTERPRETING.append(interpreter_active())
+    return _INTERPRETING[0]
 
 
 # ----------------------------------------------------------------------------- validation
@@ -37,7 +54,9 @@ def _check_inputs(input, running_mean, running_var, weight, bias, training, mome
     if input.dim() < 2:
         raise ValueError(f"fusedgrad.batch_norm: `input` must have shape (N, C, *), got "
                          f"{tuple(input.shape)}")
-    check_device("input", input)
+    device = input.device
+    if not (device.type == "cuda" or _interpreting()):
+        check_device("input", input)
     C = input.shape[1]
     for name, t in (("running_mean", running_mean), ("running_var", running_var),
                     ("weight", weight), ("bias", bias)):
@@ -51,7 +70,8 @@ def _check_inputs(input, running_mean, running_var, weight, bias, training, mome
         if t.numel() != C:
             raise ValueError(f"fusedgrad.batch_norm: `{name}` should contain {C} elements "
                              f"(input channels) not {t.numel()}")
-        check_same_device("input", input, name, t)
+        if t.device != device:
+            check_same_device("input", input, name, t)
     if (running_mean is None) != (running_var is None):
         raise ValueError("fusedgrad.batch_norm: `running_mean` and `running_var` must both be "
                          "given or both be None")
@@ -76,12 +96,14 @@ def _check_inputs(input, running_mean, running_var, weight, bias, training, mome
 # ----------------------------------------------------------------------------- helpers
 
 
-def _as_acc(t, acc):
+def as_acc(t, acc):
     """A contiguous [C] view of t in the accumulation dtype (a copy only if needed)."""
-    if t is None:
-        return None
-    t = t.reshape(-1)
-    return t if (t.dtype == acc and t.is_contiguous()) else t.to(acc).contiguous()
+    if t is None or (t.dtype == acc and t.is_contiguous()):
+        return t  # the kernels index a contiguous [C] tensor: its shape does not matter
+    return t.reshape(-1).to(acc).contiguous()
+
+
+_as_acc = as_acc  # the old private name, still imported by ops/sync_batch_norm.py
 
 
 def _fake_output(x: torch.Tensor) -> torch.Tensor:
@@ -91,7 +113,142 @@ def _fake_output(x: torch.Tensor) -> torch.Tensor:
     return torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
 
-# ----------------------------------------------------------------------------- training forward
+def _copy_back(buffer, acc_copy):
+    # Buffers in another dtype (a .half() module) were updated in an acc copy.
+    if buffer is not None and acc_copy.data_ptr() != buffer.data_ptr():
+        buffer.copy_(acc_copy.view_as(buffer))
+
+
+def plan_count(x: torch.Tensor) -> int:
+    """Values per channel (N * prod(spatial))."""
+    return x.numel() // x.shape[1] if x.shape[1] else 0
+
+
+# ----------------------------------------------------------------------------- shared core
+
+
+def _forward_core(x, weight, bias, residual, running_mean, running_var, num_batches_tracked,
+                  training, momentum, cumulative, eps, activation, slope, keep_stats):
+    """(y, x as the kernels read it, residual likewise, mean, scale): two launches in
+    training (statistics with the running update, then the normalise pass), one in eval.
+    scale is invstd (training) or the running variance (eval; copied if keep_stats, so that a
+    later in-place update of the buffers cannot reach the backward, as in torch)."""
+    acc = L.acc_dtype(x.dtype)
+    xp = L.prepare_input(x)
+    plan = L.make_plan(xp)
+    res = L.match_layout(residual, xp) if residual is not None else None
+    if training:
+        rm, rv = as_acc(running_mean, acc), as_acc(running_var, acc)
+        st = L.stats(xp, plan, eps, rm, rv, num_batches_tracked, momentum, cumulative)
+        if running_mean is not None:
+            _copy_back(running_mean, rm)
+            _copy_back(running_var, rv)
+        mean, scale = st[0], st[1]
+    elif keep_stats:
+        st = torch.stack((running_mean.detach().reshape(-1),
+                          running_var.detach().reshape(-1))).to(acc)
+        mean, scale = st[0], st[1]
+    else:
+        mean, scale = as_acc(running_mean, acc), as_acc(running_var, acc)
+    y = L.apply(xp, plan, mean, scale, not training, as_acc(weight, acc), as_acc(bias, acc),
+                eps, residual=res, activation=activation, slope=slope, reverse=training)
+    return y, xp, res, mean, scale
+
+
+def _backward_core(grad_y, x, weight, bias, residual, mean, scale, training, eps, activation,
+                   slope, need_dx, need_params, need_dres):
+    """(dx, dweight, dbias, dresidual); dweight/dbias in acc; None where not asked for.
+    One reduction launch (sum g, sum g * x_hat, merged in-kernel; in eval only for the
+    parameters' gradients), then one launch for dx and d(residual)."""
+    acc = L.acc_dtype(x.dtype)
+    xp = L.prepare_input(x)
+    plan = L.make_plan(xp)
+    dy = L.match_layout(grad_y, xp)
+    res = L.match_layout(residual, xp) if residual is not None else None
+    w = as_acc(weight, acc)
+    # The bias enters z, which only an activation needs.
+    b = as_acc(bias, acc) if activation != "identity" else None
+    sums = dweight = dbias = None
+    if training or need_params:
+        sums, dweight, dbias = L.bwd_reduce(xp, dy, plan, mean, scale, not training, eps,
+                                            need_params, w, b, res, activation, slope)
+    dx = dres = None
+    if need_dx or need_dres:
+        dx, dres = L.grad_input(xp, dy, plan, mean, scale, not training, w, sums,
+                                plan_count(x), training, eps, b, res, activation, slope,
+                                want_dx=need_dx, want_dres=need_dres,
+                                reverse=sums is not None)
+    if not need_params:
+        dweight = dbias = None
+    return dx, dweight, dbias, dres
+
+
+_DOUBLE_BACKWARD = (
+    "fusedgrad.batch_norm: double backward (differentiating BatchNorm's gradient, e.g. "
+    "torch.autograd.grad(..., create_graph=True) then backward through the result) is "
+    "not supported; use torch.nn.functional.batch_norm / torch.nn.BatchNorm*d for "
+    "higher-order gradients")
+
+
+class _RaiseOnDoubleBackward(torch.autograd.Function):
+    """Passes the first ``n`` tensors through, attached to the rest (what they depend on):
+    differentiating them raises instead of silently dropping the second-order terms."""
+
+    @staticmethod
+    def forward(ctx, n, *tensors):
+        return tuple(t.view_as(t) for t in tensors[:n])
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(_DOUBLE_BACKWARD)
+
+
+def _grad_as(g, like):
+    return g if g.dtype == like.dtype else g.to(like.dtype)
+
+
+# ----------------------------------------------------------------------------- eager path
+
+
+class _BatchNormFunction(torch.autograd.Function):
+    """Eager forward + backward: four launches per training step and no other device work
+    unless a layout or a parameter dtype needs converting."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, residual, running_mean, running_var, num_batches_tracked,
+                cfg):
+        # cfg = (training, momentum, cumulative, eps, activation, slope): one argument, so
+        # that Function.apply has fewer arguments to inspect.
+        training, momentum, cumulative, eps, activation, slope = cfg
+        y, xp, res, mean, scale = _forward_core(
+            x, weight, bias, residual, running_mean, running_var, num_batches_tracked,
+            training, momentum, cumulative, eps, activation, slope, keep_stats=True)
+        ctx.save_for_backward(xp, weight, bias, res, mean, scale)
+        ctx.cfg = (training, eps, activation, slope)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        xp, weight, bias, res, mean, scale = ctx.saved_tensors
+        training, eps, activation, slope = ctx.cfg
+        need = ctx.needs_input_grad
+        need_params = (need[1] and weight is not None) or (need[2] and bias is not None)
+        dx, dw, db, dres = _backward_core(grad_y, xp, weight, bias, res, mean, scale, training,
+                                          eps, activation, slope, need[0], need_params,
+                                          need[3] and res is not None)
+        dw = _grad_as(dw, weight) if (need[1] and weight is not None) else None
+        db = _grad_as(db, bias) if (need[2] and bias is not None) else None
+        grads = [dx, dw, db, dres]
+        if torch.is_grad_enabled():  # create_graph=True: a double backward must fail loudly
+            present = [g for g in grads if g is not None]
+            deps = [t for t in (xp, weight, bias, grad_y) if t is not None and t.requires_grad]
+            if present and deps:
+                wrapped = iter(_RaiseOnDoubleBackward.apply(len(present), *present, *deps))
+                grads = [next(wrapped) if g is not None else None for g in grads]
+        return tuple(grads) + (None,) * 4
+
+
+# ----------------------------------------------------------------------------- custom ops
 
 
 @torch.library.custom_op("fusedgrad::batch_norm_stats", mutates_args=("running_mean",
@@ -99,156 +256,140 @@ def _fake_output(x: torch.Tensor) -> torch.Tensor:
 def _batch_norm_stats(
     x: torch.Tensor, running_mean: torch.Tensor | None, running_var: torch.Tensor | None,
     num_batches_tracked: torch.Tensor | None, momentum: float, cumulative: bool, eps: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Batch (mean, invstd) [C] in the accumulation dtype; updates the running buffers.
+) -> torch.Tensor:
+    """Batch statistics [2, C] (mean, invstd) in the accumulation dtype, one launch; updates
+    the running buffers.
 
     Not differentiable by itself: it is called on a detached input, and the gradient through
     the statistics is part of batch_norm_train's backward formula."""
     acc = L.acc_dtype(x.dtype)
     x = L.prepare_input(x)
-    plan = L.make_plan(x)
-    part, shift = L.stats_partials(x, plan)
-    rm, rv = _as_acc(running_mean, acc), _as_acc(running_var, acc)
-    mean, invstd = L.merge_stats_final(
-        part, plan.C, part.shape[1] * plan.C, part.shape[1], plan.C, eps, rm, rv,
-        num_batches_tracked, momentum, cumulative, shift=shift)
+    rm, rv = as_acc(running_mean, acc), as_acc(running_var, acc)
+    st = L.stats(x, L.make_plan(x), eps, rm, rv, num_batches_tracked, momentum, cumulative)
     if running_mean is not None:
-        # Buffers in another dtype (a .half() module) were updated in an acc copy.
-        if rm.data_ptr() != running_mean.data_ptr():
-            running_mean.copy_(rm.view_as(running_mean))
-        if rv.data_ptr() != running_var.data_ptr():
-            running_var.copy_(rv.view_as(running_var))
-    return mean, invstd
+        _copy_back(running_mean, rm)
+        _copy_back(running_var, rv)
+    return st
 
 
 @_batch_norm_stats.register_fake
 def _(x, running_mean, running_var, num_batches_tracked, momentum, cumulative, eps):
-    acc = L.acc_dtype(x.dtype)
-    C = x.shape[1]
-    return x.new_empty((C,), dtype=acc), x.new_empty((C,), dtype=acc)
+    return x.new_empty((2, x.shape[1]), dtype=L.acc_dtype(x.dtype))
 
 
 @torch.library.custom_op("fusedgrad::batch_norm_train", mutates_args=())
 def _batch_norm_train(
     x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
-    mean: torch.Tensor, invstd: torch.Tensor, eps: float,
+    mean: torch.Tensor, invstd: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
+    activation: str = "identity", slope: float = 0.0,
 ) -> torch.Tensor:
-    """y = (x - mean) * invstd * weight + bias with batch statistics from batch_norm_stats;
-    its backward includes the gradient through the statistics."""
+    """y = act((x - mean) * invstd * weight + bias + residual) with batch statistics from
+    batch_norm_stats; its backward includes the gradient through the statistics."""
     acc = L.acc_dtype(x.dtype)
     x = L.prepare_input(x)
-    plan = L.make_plan(x)
-    return L.apply(x, plan, mean, invstd, False, _as_acc(weight, acc), _as_acc(bias, acc), eps)
+    res = L.match_layout(residual, x) if residual is not None else None
+    return L.apply(x, L.make_plan(x), as_acc(mean, acc), as_acc(invstd, acc), False,
+                   as_acc(weight, acc), as_acc(bias, acc), eps, residual=res,
+                   activation=activation, slope=slope, reverse=True)
 
 
 @_batch_norm_train.register_fake
-def _(x, weight, bias, mean, invstd, eps):
+def _(x, weight, bias, mean, invstd, eps, residual=None, activation="identity", slope=0.0):
     return _fake_output(x)
 
 
+# The epilogue arguments' defaults (a call may leave them out).
+_EPILOGUE_DEFAULTS = (None, "identity", 0.0)
+
+
 def _train_setup_context(ctx, inputs, output):
-    x, weight, bias, mean, invstd, eps = inputs
-    ctx.save_for_backward(x, weight, mean, invstd)
-    ctx.has_bias = bias is not None
-    ctx.bias_dtype = bias.dtype if bias is not None else None
-    ctx.eps = eps
-    ctx.training = True
+    inputs = tuple(inputs) + _EPILOGUE_DEFAULTS[len(inputs) - 6:]
+    x, weight, bias, mean, invstd, eps, residual, activation, slope = inputs
+    ctx.save_for_backward(x, weight, bias, residual, mean, invstd)
+    ctx.cfg = (True, eps, activation, slope)
 
 
 def _eval_setup_context(ctx, inputs, output):
-    x, weight, bias, running_mean, running_var, eps = inputs
+    inputs = tuple(inputs) + _EPILOGUE_DEFAULTS[len(inputs) - 6:]
+    x, weight, bias, running_mean, running_var, eps, residual, activation, slope = inputs
     # Copies (C values each) of the statistics in force now: a later training forward updates
     # the live buffers in place, and the backward must neither see the new values nor fail
     # autograd's saved-tensor version check (torch's eval backward does neither).
     acc = L.acc_dtype(x.dtype)
-    ctx.save_for_backward(x, weight, running_mean.detach().to(acc, copy=True),
+    ctx.save_for_backward(x, weight, bias, residual, running_mean.detach().to(acc, copy=True),
                           running_var.detach().to(acc, copy=True))
-    ctx.has_bias = bias is not None
-    ctx.bias_dtype = bias.dtype if bias is not None else None
-    ctx.eps = eps
-    ctx.training = False
+    ctx.cfg = (False, eps, activation, slope)
 
 
-def _backward(ctx, grad_y, *_unused):
-    x, weight, mean, scale = ctx.saved_tensors
+def _op_backward(ctx, grad_y):
+    x, weight, bias, residual, mean, scale = ctx.saved_tensors
+    training, eps, activation, slope = ctx.cfg
     need = ctx.needs_input_grad
-    need_input = need[0]
-    need_params = need[1] or need[2]
-    if not (need_input or need_params):
-        return (None,) * len(need)
-    dx, dweight, dbias = _batch_norm_backward(
-        grad_y, x, weight, mean, scale, not ctx.training, ctx.training, ctx.eps,
-        need_input, need_params)
-    grads = [dx if need_input else None,
-             dweight.to(weight.dtype) if (need[1] and weight is not None) else None,
-             dbias.to(ctx.bias_dtype) if (need[2] and ctx.has_bias) else None]
-    return tuple(grads) + (None,) * (len(need) - 3)
+    need_dres = residual is not None and len(need) > 6 and need[6]
+    need_params = (need[1] and weight is not None) or (need[2] and bias is not None)
+    grads = [None] * len(need)
+    if not (need[0] or need_params or need_dres):
+        return tuple(grads)
+    dx, dweight, dbias, dres = _batch_norm_backward(
+        grad_y, x, weight, mean, scale, not training, training, eps, need[0], need_params,
+        bias, residual, activation, slope, need_dres)
+    grads[0] = dx if need[0] else None
+    grads[1] = dweight.to(weight.dtype) if (need[1] and weight is not None) else None
+    grads[2] = dbias.to(bias.dtype) if (need[2] and bias is not None) else None
+    if need_dres:
+        grads[6] = dres
+    return tuple(grads)
 
 
-_batch_norm_train.register_autograd(_backward, setup_context=_train_setup_context)
-
-
-# ----------------------------------------------------------------------------- eval forward
+_batch_norm_train.register_autograd(_op_backward, setup_context=_train_setup_context)
 
 
 @torch.library.custom_op("fusedgrad::batch_norm_eval", mutates_args=())
 def _batch_norm_eval(
     x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
     running_mean: torch.Tensor, running_var: torch.Tensor, eps: float,
+    residual: torch.Tensor | None = None, activation: str = "identity", slope: float = 0.0,
 ) -> torch.Tensor:
     acc = L.acc_dtype(x.dtype)
     x = L.prepare_input(x)
-    plan = L.make_plan(x)
-    return L.apply(x, plan, _as_acc(running_mean, acc), _as_acc(running_var, acc), True,
-                   _as_acc(weight, acc), _as_acc(bias, acc), eps)
+    res = L.match_layout(residual, x) if residual is not None else None
+    return L.apply(x, L.make_plan(x), as_acc(running_mean, acc), as_acc(running_var, acc),
+                   True, as_acc(weight, acc), as_acc(bias, acc), eps, residual=res,
+                   activation=activation, slope=slope)
 
 
 @_batch_norm_eval.register_fake
-def _(x, weight, bias, running_mean, running_var, eps):
+def _(x, weight, bias, running_mean, running_var, eps, residual=None, activation="identity",
+      slope=0.0):
     return _fake_output(x)
 
 
-_batch_norm_eval.register_autograd(_backward, setup_context=_eval_setup_context)
-
-
-# ----------------------------------------------------------------------------- backward
+_batch_norm_eval.register_autograd(_op_backward, setup_context=_eval_setup_context)
 
 
 @torch.library.custom_op("fusedgrad::batch_norm_backward", mutates_args=())
 def _batch_norm_backward(
     grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, mean: torch.Tensor,
     scale: torch.Tensor, scale_is_var: bool, training: bool, eps: float,
-    need_input_grad: bool, need_param_grads: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dx, dweight, dbias). ``scale`` is invstd (training) or the running variance (eval).
-    Outputs not asked for are empty; dweight and dbias are in the accumulation dtype."""
+    need_input_grad: bool, need_param_grads: bool, bias: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None, activation: str = "identity", slope: float = 0.0,
+    need_residual_grad: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dweight, dbias, dresidual). ``scale`` is invstd (training) or the running variance
+    (eval). Outputs not asked for are empty; dweight and dbias are in the accumulation dtype."""
     acc = L.acc_dtype(x.dtype)
-    x = L.prepare_input(x)
-    plan = L.make_plan(x)
-    dy = L.match_layout(grad_y, x)
-    mean, scale = _as_acc(mean, acc), _as_acc(scale, acc)
-    w = _as_acc(weight, acc)
-    sums = None
-    dweight = dbias = None
-    if training or need_param_grads:
-        part = L.bwd_partials(x, dy, plan, mean, scale, scale_is_var, eps)
-        sums, dweight, dbias = L.bwd_merge(part, need_param_grads)
-    if need_input_grad:
-        dx = L.dx(x, dy, plan, mean, scale, scale_is_var, w, sums, plan_count(x), training, eps)
-    else:
-        dx = _alloc.empty((0,), dtype=x.dtype, device=x.device)
-    if dweight is None:
-        dweight = _alloc.empty((0,), dtype=acc, device=x.device)
-        dbias = _alloc.empty((0,), dtype=acc, device=x.device)
-    return dx, dweight, dbias
+    dx, dweight, dbias, dres = _backward_core(
+        grad_y, x, weight, bias, residual, as_acc(mean, acc), as_acc(scale, acc), training, eps,
+        activation, slope, need_input_grad, need_param_grads, need_residual_grad)
+    # Distinct empty tensors for what was not asked for (a custom op's outputs never alias).
+    return (dx if dx is not None else x.new_empty((0,)),
+            dweight if dweight is not None else x.new_empty((0,), dtype=acc),
+            dbias if dbias is not None else x.new_empty((0,), dtype=acc),
+            dres if dres is not None else x.new_empty((0,)))
 
 
 def _no_double_backward(ctx, *grads):
-    raise RuntimeError(
-        "fusedgrad.batch_norm: double backward (differentiating BatchNorm's gradient, e.g. "
-        "torch.autograd.grad(..., create_graph=True) then backward through the result) is "
-        "not supported; use torch.nn.functional.batch_norm / torch.nn.BatchNorm*d for "
-        "higher-order gradients")
+    raise RuntimeError(_DOUBLE_BACKWARD)
 
 
 def _backward_setup_context(ctx, inputs, output):
@@ -259,19 +400,16 @@ _batch_norm_backward.register_autograd(_no_double_backward,
                                        setup_context=_backward_setup_context)
 
 
-def plan_count(x: torch.Tensor) -> int:
-    """Values per channel (N * prod(spatial))."""
-    return x.numel() // x.shape[1] if x.shape[1] else 0
-
-
 @_batch_norm_backward.register_fake
 def _(grad_y, x, weight, mean, scale, scale_is_var, training, eps, need_input_grad,
-      need_param_grads):
+      need_param_grads, bias=None, residual=None, activation="identity", slope=0.0,
+      need_residual_grad=False):
     acc = L.acc_dtype(x.dtype)
     C = x.shape[1]
     dx = _fake_output(x) if need_input_grad else x.new_empty((0,))
+    dres = _fake_output(x) if need_residual_grad else x.new_empty((0,))
     n = C if need_param_grads else 0
-    return dx, x.new_empty((n,), dtype=acc), x.new_empty((n,), dtype=acc)
+    return dx, x.new_empty((n,), dtype=acc), x.new_empty((n,), dtype=acc), dres
 
 
 # ----------------------------------------------------------------------------- public API
@@ -279,7 +417,7 @@ def _(grad_y, x, weight, mean, scale, scale_is_var, training, eps, need_input_gr
 # Activations applied after the normalisation (and the residual add), by name.
 # "identity" (and None) apply nothing. leaky_relu's negative slope is `activation_param`
 # (default 0.01, as torch.nn.LeakyReLU); no other activation takes a parameter.
-ACTIVATIONS = ("identity", "relu", "silu", "gelu", "gelu_tanh", "leaky_relu", "hardswish")
+ACTIVATIONS = tuple(L.ACTIVATION_CODES)
 # The activations computed inside the kernels (normalise pass and backward).
 FUSED_ACTIVATIONS = frozenset(ACTIVATIONS)
 LEAKY_RELU_DEFAULT_SLOPE = 0.01
@@ -363,37 +501,48 @@ def batch_norm_tracked(input, running_mean, running_var, weight, bias, training,
     """batch_norm with an optional num_batches_tracked: momentum=None then means a cumulative
     average with factor 1 / num_batches_tracked, read on the device (the modules pass it)."""
     _check_inputs(input, running_mean, running_var, weight, bias, training, momentum, eps)
-    activation, param = _check_fused_args(input, activation, activation_param, residual)
-    y = _batch_norm_plain(input, running_mean, running_var, weight, bias, training, momentum,
-                          eps, num_batches_tracked)
-    if residual is not None:
-        y = y + residual
-    return _torch_activation(y, activation, param)
-
-
-def _batch_norm_plain(input, running_mean, running_var, weight, bias, training, momentum, eps,
-                      num_batches_tracked):
-    if momentum is None and training and running_mean is not None \
-            and num_batches_tracked is None:
+    activation, slope = _check_fused_args(input, activation, activation_param, residual)
+    cumulative = momentum is None
+    if cumulative and training and running_mean is not None and num_batches_tracked is None:
         raise TypeError("fusedgrad.batch_norm: `momentum` must be a float (momentum=None, the "
                         "cumulative average, needs num_batches_tracked: use the modules)")
+    eps = float(eps)
+    momentum = 0.0 if cumulative else float(momentum)
     if input.numel() == 0:
-        # As torch: an empty batch gives an empty output (still connected to weight and
-        # bias for autograd) and leaves the running statistics alone.
+        # As torch: an empty batch gives an empty output (still connected to weight, bias
+        # and residual for autograd) and leaves the running statistics alone.
         out = input.clone()
         if weight is not None:
             out = out * weight[0]
         if bias is not None:
             out = out + bias[0]
-        return out
+        if residual is not None:
+            out = out + residual
+        return _torch_activation(out, activation, slope)
+    nbt = num_batches_tracked if cumulative else None
+    if torch.compiler.is_compiling():
+        return _compiled_path(input, running_mean, running_var, weight, bias, residual, nbt,
+                              training, momentum, cumulative, eps, activation, slope)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                       for t in (input, weight, bias, residual)):
+        return _BatchNormFunction.apply(input, weight, bias, residual, running_mean,
+                                        running_var, nbt, (training, momentum, cumulative, eps,
+                                                           activation, slope))
+    return _forward_core(input, weight, bias, residual, running_mean, running_var, nbt,
+                         training, momentum, cumulative, eps, activation, slope,
+                         keep_stats=False)[0]
+
+
+def _compiled_path(input, running_mean, running_var, weight, bias, residual, nbt, training,
+                   momentum, cumulative, eps, activation, slope):
+    # Under torch.compile: the custom ops, whose fake implementations the graph traces.
     if training:
-        cumulative = momentum is None
-        mean, invstd = _batch_norm_stats(input.detach(), running_mean, running_var,
-                                         num_batches_tracked if cumulative else None,
-                                         0.0 if cumulative else float(momentum), cumulative,
-                                         float(eps))
-        return _batch_norm_train(input, weight, bias, mean, invstd, float(eps))
-    return _batch_norm_eval(input, weight, bias, running_mean, running_var, float(eps))
+        st = _batch_norm_stats(input.detach(), running_mean, running_var, nbt, momentum,
+                               cumulative, eps)
+        return _batch_norm_train(input, weight, bias, st[0], st[1], eps, residual, activation,
+                                 slope)
+    return _batch_norm_eval(input, weight, bias, running_mean, running_var, eps, residual,
+                            activation, slope)
 
 
 def _batch_norm_impl(input, running_mean, running_var, weight, bias, training, momentum, eps,

@@ -65,8 +65,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         if empty:  # this rank contributes count 0
             local = torch.zeros((3, C), dtype=acc, device=x.device)
         else:
-            part, shift = L.stats_partials(xp, plan)
-            local = L.merge_stats_local(part, shift)
+            local = L.stats_local(xp, plan)
         gathered = _all_gather_stats(local, group, world_size)
         rm, rv = _as_acc(running_mean, acc), _as_acc(running_var, acc)
         mean, invstd, count = L.merge_stats_final(
@@ -97,8 +96,8 @@ class _SyncBatchNormFunction(torch.autograd.Function):
             xp = L.prepare_input(x)
             plan = L.make_plan(xp)
             dy = L.match_layout(grad_y, xp)
-            part = L.bwd_partials(xp, dy, plan, mean, invstd, False, ctx.eps)
-            sums, grad_weight, grad_bias = L.bwd_merge(part, True)
+            sums, grad_weight, grad_bias = L.bwd_reduce(xp, dy, plan, mean, invstd, False,
+                                                        ctx.eps, True)
         # The only backward collective: global (sum dy, sum dy * x_hat), 2C values.
         dist.all_reduce(sums, group=ctx.group)
         need = ctx.needs_input_grad

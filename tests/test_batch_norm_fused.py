@@ -180,3 +180,67 @@ def test_errors():
         fg.batch_norm(x, rm, rv, training=True, residual=x.double())
     with pytest.raises(TypeError, match="residual"):
         fg.batch_norm(x, rm, rv, training=True, residual=1.0)
+
+
+def _all_tiles():
+    """Every (dtype, layout, tile) the launcher's tables offer."""
+    from fusedgrad import _bn_launch as L
+
+    out = [(torch.float32, "contiguous", t) for t in L.S_INNER_TILES]
+    out += [(torch.float32, "channels_last", t) for t in L.C_INNER_TILES]
+    out += [(torch.float64, "contiguous", L.FP64_TILES["s_inner"]),
+            (torch.float64, "channels_last", L.FP64_TILES["c_inner"])]
+    return out
+
+
+@pytest.mark.parametrize("dtype,layout,tile", _all_tiles(),
+                         ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else str(v))
+def test_every_tile(monkeypatch, dtype, layout, tile):
+    # Each tile shape of the tables, forced, on a shape that leaves partial tiles along both
+    # axes (C = 5, H * W = 77) and several splits: the fused epilogue forward and backward.
+    from fusedgrad import _bn_launch as L
+
+    monkeypatch.setattr(L, "choose_tile", lambda orientation, C, S, dt: tile)
+    monkeypatch.setattr(L, "_PLANS", {})
+    x = torch.empty((2, 5, 7, 11), device=DEVICE)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    plan = L.make_plan(x)
+    assert (plan.block_c, plan.block_s) == tile
+    _run((2, 5, 7, 11), layout, dtype, True, "silu", with_residual=True)
+
+
+def test_tickets_left_zero():
+    # The reductions' last program resets its channel block's counter: after a forward and
+    # backward every counter is zero again (the next launch depends on it).
+    from fusedgrad import _bn_launch as L
+
+    _run((4, 70, 3, 3), "channels_last", torch.float32, True, "relu", with_residual=True)
+    assert L._TICKETS
+    for t in L._TICKETS.values():
+        assert int(t.abs().sum()) == 0
+
+
+def test_compile_fullgraph_fused_epilogue():
+    # torch.compile traces the custom ops with the epilogue arguments (aot_eager on CPU:
+    # fake tensors, no C++ compiler), gradients reach x, the residual and the parameters.
+    backend = "inductor" if DEVICE == "cuda" else "aot_eager"
+    C = 3
+    w = torch.rand(C, device=DEVICE).add_(0.5).requires_grad_()
+    b = torch.randn(C, device=DEVICE).requires_grad_()
+    rm, rv = torch.zeros(C, device=DEVICE), torch.ones(C, device=DEVICE)
+
+    def step(x, r):
+        return fg.batch_norm(x, rm, rv, w, b, training=True, activation="relu", residual=r)
+
+    compiled = torch.compile(step, fullgraph=True, backend=backend)
+    x = _make((2, C, 3, 4), "channels_last", torch.float32).requires_grad_()
+    r = _make((2, C, 3, 4), "channels_last", torch.float32).requires_grad_()
+    dy = torch.randn(2, C, 3, 4, device=DEVICE)
+    compiled(x, r).backward(dy)
+    xr, rr = x.detach().double().requires_grad_(), r.detach().double().requires_grad_()
+    wr, br = w.detach().double().requires_grad_(), b.detach().double().requires_grad_()
+    F.relu(F.batch_norm(xr, None, None, wr, br, training=True) + rr).backward(dy.double())
+    for name, out, ref in (("dx", x.grad, xr.grad), ("dresidual", r.grad, rr.grad),
+                           ("dweight", w.grad, wr.grad), ("dbias", b.grad, br.grad)):
+        assert_close(out, ref, torch.float32, name)
