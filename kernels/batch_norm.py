@@ -232,17 +232,15 @@ def _merge_parts(part_ptr, n_parts, part_stride, field_stride, c, c_mask, acc_ty
 
 @triton.jit
 def _finish_stats(count, mean, m2, c, c_mask, out_ptr, out_stride, running_mean_ptr,
-                  running_var_ptr, nbt_ptr, momentum, eps, update_running, cumulative,
-                  write_count):
-    """From merged (count, mean, M2): out[0] = mean, out[1] = invstd = 1/sqrt(M2/count + eps),
-    out[2] = count if write_count (out field f of channel c at f * out_stride + c); running
+                  running_var_ptr, nbt_ptr, momentum, eps, update_running, cumulative):
+    """From merged (count, mean, M2): out[0] = mean, out[1] = invstd = 1/sqrt(M2/count + eps)
+    (out field f of channel c at f * out_stride + c); running
     buffers updated in place with factor momentum, or 1 / num_batches_tracked (nbt_ptr: int64
     [1], read on the device) if cumulative; running_var receives the unbiased M2/(count - 1)."""
     acc_ty = mean.dtype
     invstd = _inv_sqrt(m2 / tl.maximum(count, 1.0) + eps)
     tl.store(out_ptr + c, mean, mask=c_mask)
     tl.store(out_ptr + out_stride + c, invstd, mask=c_mask)
-    tl.store(out_ptr + 2 * out_stride + c, count, mask=mask_if(c_mask, write_count))
     if update_running != 0:
         factor = momentum
         if cumulative != 0:
@@ -327,7 +325,7 @@ def bn_stats_kernel(
             _finish_stats(count, mean, m2, c, c_mask, out_ptr, C, running_mean_ptr,
                           running_var_ptr, nbt_ptr, _host_float(momentum_hi, momentum_lo,
                                                                 acc_ty),
-                          _host_float(eps_hi, eps_lo, acc_ty), update_running, cumulative, 0)
+                          _host_float(eps_hi, eps_lo, acc_ty), update_running, cumulative)
         else:
             tl.store(out_ptr + c, count, mask=c_mask)
             tl.store(out_ptr + C + c, mean, mask=c_mask)
@@ -357,7 +355,8 @@ def bn_merge_final_kernel(
                                    acc_ty, BLOCK_P, BLOCK_C)
     _finish_stats(count, mean, m2, c, c_mask, out_ptr, C, running_mean_ptr, running_var_ptr,
                   nbt_ptr, _host_float(momentum_hi, momentum_lo, acc_ty),
-                  _host_float(eps_hi, eps_lo, acc_ty), update_running, cumulative, write_count)
+                  _host_float(eps_hi, eps_lo, acc_ty), update_running, cumulative)
+    tl.store(out_ptr + 2 * C + c, count, mask=mask_if(c_mask, write_count))
 
 
 @triton.jit(do_not_specialize=_RUNTIME_INTS + _FLAGS)
