@@ -33,21 +33,60 @@ def make_probs(shape, class_dim=1):
     return torch.softmax(torch.randn(shape, dtype=torch.float64) * 2, dim=class_dim)
 
 
-def check(x, target, *, grad_output=None, dtype=None, **kwargs):
-    """Loss and gradient of fusedgrad vs the float64 reference."""
+def _dense(t):
+    """Whether t's elements tile its storage span exactly (a permutation of a contiguous
+    layout): then a fresh tensor can have the same strides."""
+    expected = 1
+    for stride, size in sorted((st, n) for n, st in zip(t.shape, t.stride(), strict=True)
+                                       if n != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _same_layout_on_a_leaf(x):
+    """(leaf, view): a fresh leaf laid out like x's base (x itself if x is no view), and the
+    view of it that x is of its base, reached through one differentiable copy (so
+    inplace_backward may overwrite it). The op then sees the caller's strides; a clone of a
+    sliced tensor would be contiguous. (leaf, view region) let check() prove the gradient
+    lands inside the view and nowhere else."""
+    base = x._base if x._base is not None else x
+    if not _dense(base):  # e.g. an expanded base: keep x's values
+        leaf = x.detach().clone().requires_grad_(True)
+        return leaf, leaf * 1, (x.shape, leaf.stride(), 0)
+    leaf = torch.empty_strided(base.shape, base.stride(), dtype=base.dtype, device=base.device)
+    leaf.copy_(base.detach())
+    leaf.requires_grad_(True)
+    src = torch.empty_strided(base.shape, base.stride(), dtype=base.dtype, device=base.device)
+    src = src.copy_(leaf)  # differentiable: the gradient reaches the leaf
+    region = (x.shape, x.stride(), x.storage_offset() - base.storage_offset())
+    return leaf, src.as_strided(*region), region
+
+
+def check(x, target, *, grad_output=None, dtype=None, elementwise=True, **kwargs):
+    """Loss and gradient of fusedgrad vs the float64 reference (norm-wise and element-wise).
+
+    x is passed as the layout it has (a slice of a wider buffer stays one); the gradient
+    is checked inside that view and must be exactly 0 elsewhere in the buffer."""
     dtype = dtype or x.dtype
-    xg = x.detach().clone().requires_grad_(True)
+    leaf, xg, region = _same_layout_on_a_leaf(x)
     loss = fg.cross_entropy(xg, target, **kwargs)
     assert loss.dtype == x.dtype
     go = torch.ones_like(loss) if grad_output is None else grad_output
-    (grad,) = torch.autograd.grad(loss, xg, go)
+    (leaf_grad,) = torch.autograd.grad(loss, leaf, go)
+    grad = leaf_grad.as_strided(*region)
+    inside = torch.zeros_like(leaf, dtype=torch.bool)
+    inside.as_strided(*region).fill_(True)
+    outside = leaf_grad.detach()[~inside]
+    assert torch.equal(outside, torch.zeros_like(outside)), "gradient written outside the view"
     # torch takes int64 (or uint8) class indices only; fusedgrad takes any integer dtype.
     ref_target = target if target.is_floating_point() or target.dtype == torch.uint8 \
         else target.long()
     ref_loss, ref_grad = reference_with_grad(x, ref_target, grad_output=go, **kwargs)
     assert loss.shape == ref_loss.shape
-    assert_close(loss, ref_loss, dtype, "loss")
-    assert_close(grad, ref_grad, dtype, "grad")
+    assert_close(loss, ref_loss, dtype, "loss", elementwise=elementwise)
+    assert_close(grad, ref_grad, dtype, "grad", elementwise=elementwise)
     return loss, grad
 
 
@@ -134,7 +173,9 @@ def test_features_probability_targets(feature, reduction, n_classes):
 def test_half_softcap_padding(dtype):
     # Padded lanes must stay masked after the cap (cap(-inf) would be -c, not -inf).
     x = make_logits((4, 130), dtype, scale=20.0)
-    check(x, make_targets((4,), 130), softcap=5.0, z_loss=1e-4)
+    # Norm-wise only: at |z| >> c the cap's derivative 1 - tanh^2 cancels in fp32, so
+    # single elements carry large relative errors (as in any fp32 implementation).
+    check(x, make_targets((4,), 130), softcap=5.0, z_loss=1e-4, elementwise=False)
 
 
 # ---------------------------------------------------------------- shapes and layouts
