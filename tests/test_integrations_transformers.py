@@ -159,3 +159,36 @@ def test_fused_linear_rejects_unsupported_model():
     require("transformers")
     with pytest.raises(ValueError, match="fused_linear"):
         fg_hf.apply(torch.nn.Linear(2, 2), fused_linear=True)
+
+
+# The other families fused_linear supports: loss and lm_head gradient vs stock (Gemma3 with
+# soft-capping). Tiny configs; one layer.
+OTHER_FAMILIES = {
+    "mistral": ("MistralConfig", "MistralForCausalLM", {}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=16)),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM",
+               dict(head_dim=16, final_logit_softcapping=4.0, query_pre_attn_scalar=16,
+                    sliding_window=8)),
+}
+
+
+@pytest.mark.parametrize("family", list(OTHER_FAMILIES))
+def test_fused_linear_other_families(family):
+    transformers = require("transformers")
+    from fusedgrad.integrations import transformers as fg_hf
+
+    cfg_name, cls_name, extra = OTHER_FAMILIES[family]
+    cfg = getattr(transformers, cfg_name)(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+        attn_implementation="eager", **extra)
+    torch.manual_seed(5)
+    stock = getattr(transformers, cls_name)(cfg).to(DEVICE).float().train()
+    ours = copy.deepcopy(stock)
+    fg_hf.apply(ours, fused_linear=True)
+    ids, labels = _batch()
+    a = _loss_and_grads(ours, input_ids=ids, labels=labels)
+    b = _loss_and_grads(stock, input_ids=ids, labels=labels)
+    assert a[0].logits is None
+    _compare(a, b, family)
