@@ -30,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 # Modules that contribute cases, in report order.
-CASE_MODULES = ("bench.host_ce", "bench.host_bn")
+CASE_MODULES = ("bench.host_ce", "bench.host_bn", "bench.host_lce")
 
 # aten ops that move no data: not counted as device operations.
 _FREE_OPS = {
