@@ -157,6 +157,8 @@ def _chunk_loop(x2, w, b, target2, cw, reduce_buf, loss_rows, *, ignore_index,
     n_rows = x2.shape[0]
     n_classes = w.shape[0]
     prob_target = target2.is_floating_point()
+    if n_rows == 0:
+        return  # gradients stay zero; a mean is 0 / 0 = NaN, as torch's
     rows = min(chunk, n_rows)
     logits_buf = _alloc.empty((rows, n_classes), dtype=x2.dtype, device=x2.device)
     lse_buf = _alloc.empty(rows, dtype=loss_rows.dtype, device=x2.device)

@@ -406,3 +406,18 @@ def test_weight_grad_accumulation_fallbacks(monkeypatch):
     assert_close(acc, ref, torch.float32, "dW")
     assert list(lce_mod._DW_MODE.values()) in (["addmm_fp32_out"], ["mm_fp32_then_add"],
                                                ["upcast"])
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_empty_batch(reduction):
+    # No rows: torch's results (mean NaN, sum 0, none empty) and zero gradients.
+    x = torch.randn(0, 8, device=DEVICE, requires_grad=True)
+    w = torch.randn(10, 8, device=DEVICE, requires_grad=True)
+    t = torch.zeros(0, dtype=torch.long, device=DEVICE)
+    loss = fg.linear_cross_entropy(x, w, t, reduction=reduction)
+    ref = F.cross_entropy(F.linear(x.detach(), w.detach()), t, reduction=reduction)
+    assert loss.shape == ref.shape
+    assert torch.equal(loss.isnan(), ref.isnan())
+    assert torch.equal(torch.nan_to_num(loss), torch.nan_to_num(ref))
+    loss.sum().backward()
+    assert x.grad.shape == (0, 8) and torch.equal(w.grad, torch.zeros_like(w))
