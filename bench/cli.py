@@ -59,7 +59,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                      help="ce|cross_entropy, bn|batch_norm, lce|linear_cross_entropy, e2e "
                           "(comma or space separated)")
     sel.add_argument("--dtype", nargs="+", metavar="DT", help="fp32, bf16, fp16")
-    sel.add_argument("--mode", nargs="+", metavar="M", help="fwd, fwd+bwd, step")
+    sel.add_argument("--mode", nargs="+", metavar="M",
+                     help="fwd, fwd+bwd, bwd (backward only, CE), step")
     sel.add_argument("--layout", nargs="+", metavar="L", help="contiguous|contig, channels_last|cl")
     sel.add_argument("--shape", nargs="+", metavar="S",
                      help="keep cases whose name contains any of these, e.g. 128256 or x56x56")
@@ -97,8 +98,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         if d not in DTYPE_NAMES:
             p.error(f"unknown --dtype {d!r} (choose from {', '.join(DTYPE_NAMES)})")
     for m in args.mode or ():
-        if m not in ("fwd", "fwd+bwd", "step"):
-            p.error(f"unknown --mode {m!r} (choose from fwd, fwd+bwd, step)")
+        if m not in ("fwd", "fwd+bwd", "bwd", "step"):
+            p.error(f"unknown --mode {m!r} (choose from fwd, fwd+bwd, bwd, step)")
     impls = _split(args.impl)
     bad = [i for i in impls if i.lower() not in IMPL_ALIASES]
     if bad:

@@ -66,6 +66,11 @@ FEW_ROWS_VOCAB = 256000
 VARIANT_SHAPE = (8192, 128256)
 VARIANTS = {"go2": ("mean", 2.0), "none": ("none", None)}
 COMPILE_MAX_MODE = "max-autotune-no-cudagraphs"
+# Backward only (mode "bwd", bf16): the time of ``loss.backward()`` alone, the forward run
+# untimed before each call (timing.measure_backward_only). fusedgrad's backward with
+# grad_output 1 does no work by design; the peers' does. Selected with ``--mode bwd``.
+BWD_ROWS = 8192
+BWD_VOCABS = (32000, 128256, 256000)
 
 TARGET_BYTES = 8  # int64 class indices
 LOSS_BYTES = 4
@@ -74,6 +79,8 @@ LOSS_BYTES = 4
 def minimal_bytes(n_rows: int, vocab: int, dtype: str, mode: str) -> int:
     logits = n_rows * vocab * dtype_size(dtype)
     small = n_rows * TARGET_BYTES + LOSS_BYTES
+    if mode == "bwd":  # a backward must at least write the N x V gradient
+        return logits
     return (2 * logits if mode == "fwd+bwd" else logits) + small
 
 
@@ -110,6 +117,8 @@ def cases() -> list[Case]:
     for mode in MODES:
         for n_rows in FEW_ROWS:
             out.append(_case("bf16", n_rows, FEW_ROWS_VOCAB, mode))
+    for vocab in BWD_VOCABS:  # before the variants: a time-limited run reaches them first
+        out.append(_case("bf16", BWD_ROWS, vocab, "bwd"))
     for variant in VARIANTS:
         out.append(_case("bf16", *VARIANT_SHAPE, "fwd+bwd", variant))
     return out
@@ -123,7 +132,8 @@ def run_case(case: Case, ctx: Context) -> list[dict]:
     reduction = case.shape.get("reduction", "mean")
     grad_output = case.shape.get("grad_output", 1.0)
     dtype = torch_dtype(case.dtype)
-    backward = case.mode == "fwd+bwd"
+    backward = case.mode in ("fwd+bwd", "bwd")
+    backward_only = case.mode == "bwd"
     set_bytes = n_rows * vocab * dtype_size(case.dtype) + n_rows * TARGET_BYTES
     min_bytes = minimal_bytes(n_rows, vocab, case.dtype, case.mode)
 
@@ -140,15 +150,31 @@ def run_case(case: Case, ctx: Context) -> list[dict]:
         return s
 
     def step_of(loss_fn):
+        def forward(s):
+            # The logits enter as a non-leaf, as a model's do (see common.non_leaf).
+            return loss_fn(non_leaf(s["x"], s["anchor"]), s["t"])
+
+        def backward_of(s, loss):
+            loss.backward(s.get("go"))
+
         def step(s):
             if not backward:
                 return loss_fn(s["x"], s["t"])
-            # The logits enter as a non-leaf, as a model's do (see common.non_leaf).
-            loss = loss_fn(non_leaf(s["x"], s["anchor"]), s["t"])
-            loss.backward(s.get("go"))
+            loss = forward(s)
+            backward_of(s, loss)
             return loss
 
+        # For backward-only timing (timing.measure_backward_only): the two halves.
+        step.forward, step.backward = forward, backward_of
         return step
+
+    bwd_ctx = ctx
+    if backward_only and ctx.measure is None:
+        from dataclasses import replace
+
+        from .timing import measure_backward_only
+
+        bwd_ctx = replace(ctx, measure=measure_backward_only)
 
     fg_ce, fg_reason = fused_op("cross_entropy")
     liger_ce, liger_reason = liger_cross_entropy()
@@ -170,8 +196,8 @@ def run_case(case: Case, ctx: Context) -> list[dict]:
             def loss_fn(x, t, _inplace=inplace):
                 return fg_ce(x, t, reduction=reduction, inplace_backward=_inplace)
 
-            kernel_bytes = fused_kernel_bytes(n_rows, vocab, case.dtype, case.mode,
-                                              grad_output_one=grad_output == 1.0)
+            kernel_bytes = None if backward_only else fused_kernel_bytes(
+                n_rows, vocab, case.dtype, case.mode, grad_output_one=grad_output == 1.0)
         elif impl == TORCH:
             loss_fn = torch_ce
         elif impl == COMPILE:
@@ -188,7 +214,7 @@ def run_case(case: Case, ctx: Context) -> list[dict]:
 
         else:  # pragma: no cover - impls come from cases()
             raise AssertionError(impl)
-        records.append(run_impl(case, ctx, impl, make_inputs, step_of(loss_fn),
+        records.append(run_impl(case, bwd_ctx, impl, make_inputs, step_of(loss_fn),
                                 set_bytes=set_bytes, min_bytes=min_bytes, bytes_model="minimal",
-                                kernel_bytes=kernel_bytes, graph=True))
+                                kernel_bytes=kernel_bytes, graph=not backward_only))
     return records

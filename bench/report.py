@@ -66,6 +66,9 @@ def driver_version() -> str | None:
 
 
 def git_commit() -> str | None:
+    # A copy of the checkout without .git (the device machine's) gets it from the caller.
+    if os.environ.get("FUSEDGRAD_COMMIT"):
+        return os.environ["FUSEDGRAD_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                              text=True, timeout=10, cwd=Path(__file__).resolve().parent)

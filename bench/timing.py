@@ -175,3 +175,48 @@ def copy_bandwidth_gbps(n_bytes: int = 512 * 2**20) -> dict:
     bufs.clear()
     free_memory()
     return {"bytes": moved, "ms": float(ms), "gbps": moved / (ms * 1e-3) / 1e9}
+
+
+def measure_backward_only(make_inputs: Callable[[], dict], step: Callable[[dict], object],
+                          set_bytes: int, leaves=lambda s: (), rep_ms: int = REP_MS,
+                          graph: bool = False) -> dict:
+    """Median time of the backward alone: ``step.forward(s)`` runs untimed before each
+    call, then CUDA events time ``step.backward(s, loss)``. Peak memory is that of the
+    backward over what the forward left. One input set: the forward just before each
+    backward writes more than L2 holds at the benchmarked sizes (N x V logits), and the
+    timed region is the backward's own kernels. Not captured as a CUDA graph (a backward
+    alone needs a graph built outside the capture)."""
+    import statistics
+    import time
+
+    s = make_inputs()
+    for _ in range(3):  # warm-up: compilation, handles, allocator pools
+        step.backward(s, step.forward(s))
+        for t in leaves(s):
+            t.grad = None
+    free_memory()
+    loss = step.forward(s)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    step.backward(s, loss)
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated()
+    times = []
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    deadline = time.perf_counter() + max(rep_ms, 1) * 1e-3 * 4  # forward time included
+    while len(times) < 10 or (time.perf_counter() < deadline and len(times) < 200):
+        for t in leaves(s):
+            t.grad = None
+        loss = step.forward(s)
+        start.record()
+        step.backward(s, loss)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    loss = s = None
+    free_memory()
+    return {"ms": float(statistics.median(times)), "baseline_ms": None,
+            "peak_mem_bytes": int(peak), "peak_extra_bytes": int(peak - before),
+            "input_sets": 1, "graph_ms": None,
+            "graph_note": "backward only: timed with CUDA events, not as a graph"}

@@ -34,8 +34,8 @@ def test_quick_selection():
 
 
 def test_default_selects_everything():
-    # CE: 60 + 4 few-row + 2 backward variants
-    assert len(names([])) == len(cli.all_cases()) == 66 + 144 + 60 + 2 + 5 + 3
+    # CE: 60 + 4 few-row + 2 backward variants + 3 backward-only
+    assert len(names([])) == len(cli.all_cases()) == 69 + 144 + 60 + 2 + 5 + 3
 
 
 def test_filters_combine():
@@ -61,7 +61,7 @@ def test_impl_filter_keeps_cases_that_have_it():
 
 
 @pytest.mark.parametrize("argv", [["--dtype", "fp8"], ["--op", "softmax"], ["--impl", "apex"],
-                                  ["--mode", "bwd"], ["bogus"]])
+                                  ["--mode", "back"], ["bogus"]])
 def test_bad_arguments_exit_with_usage_error(argv, capsys):
     with pytest.raises(SystemExit) as exc:
         cli.parse_args(argv)
