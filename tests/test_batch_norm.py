@@ -214,6 +214,7 @@ def test_split_heuristics_fill_the_gpu():
         assert (splits - 1) * tiles_per_split < plan.n_tiles <= splits * tiles_per_split
 
 
+@pytest.mark.compat
 def test_small_shapes_exercise_the_merge():
     # The shapes above named "several splits" really split under this device's target.
     for shape, fmt in [((4, 3, 40, 40), torch.contiguous_format),
@@ -278,6 +279,7 @@ def test_errors():
 
 
 @pytest.mark.parametrize("training", [True, False])
+@pytest.mark.compat
 def test_gradcheck(training):
     x = torch.randn(3, 2, 5, device=DEVICE, dtype=torch.float64, requires_grad=True)
     w = torch.randn(2, device=DEVICE, dtype=torch.float64, requires_grad=True)
@@ -319,6 +321,7 @@ def test_opcheck():
                  False))
 
 
+@pytest.mark.compat
 def test_compile_fullgraph_training_step():
     # On CPU (interpreter) aot_eager traces with fake tensors without a C++ compiler.
     backend = "inductor" if DEVICE == "cuda" else "aot_eager"

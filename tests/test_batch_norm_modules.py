@@ -64,6 +64,7 @@ def test_module_matches_torch(dims, kwargs):
 
 
 @pytest.mark.parametrize("dims,fmt", [(2, torch.channels_last), (3, torch.channels_last_3d)])
+@pytest.mark.compat
 def test_module_channels_last(dims, fmt):
     ref, fused = _pair(dims, momentum=None)
     _compare_steps(ref, fused, SHAPES[dims], memory_format=fmt)

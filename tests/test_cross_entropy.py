@@ -105,6 +105,7 @@ def test_vocab_sizes(n_classes, dtype):
     check(x, make_targets((6,), n_classes))
 
 
+@pytest.mark.compat
 def test_large_vocab_two_pass():
     # >= 131072 classes: the two-pass path with many chunks; few rows to keep it fast.
     n_classes = 131075
@@ -114,6 +115,7 @@ def test_large_vocab_two_pass():
 
 
 @pytest.mark.parametrize("n_rows", [1, 2, 97])  # one row, two, many (odd)
+@pytest.mark.compat
 def test_row_counts(n_rows):
     x = make_logits((n_rows, 300), torch.float32)
     check(x, make_targets((n_rows,), 300, ignore_frac=0.1))
@@ -193,6 +195,7 @@ def test_shapes_index_targets(shape):
 
 
 @pytest.mark.parametrize("shape", [(9,), (3, 9), (2, 9, 4, 3)])
+@pytest.mark.compat
 def test_shapes_probability_targets(shape):
     x = make_logits(shape, torch.float32)
     y = make_probs(shape, class_dim=1 if len(shape) > 1 else 0).float().to(DEVICE)

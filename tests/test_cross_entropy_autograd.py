@@ -33,6 +33,7 @@ def test_scalar_grad_output(reduction):
     assert_close(x.grad, ref_grad, torch.float32, "grad")
 
 
+@pytest.mark.compat
 def test_per_row_grad_output():
     x = logits((2, 40, 3)).requires_grad_(True)
     t = targets((2, 3), 40)
@@ -182,6 +183,7 @@ def test_inplace_without_grad_leaves_logits():
 # ---------------------------------------------------------------- gradcheck / opcheck
 
 @pytest.mark.parametrize("prob", [False, True])
+@pytest.mark.compat
 def test_gradcheck_float64(prob):
     x = torch.randn(3, 5, dtype=torch.float64, device=DEVICE, requires_grad=True)
     w = torch.rand(5, dtype=torch.float64, device=DEVICE) + 0.5
@@ -243,6 +245,7 @@ def test_opcheck_backward():
 
 # ---------------------------------------------------------------- torch.compile
 
+@pytest.mark.compat
 def test_compile_fullgraph_training_step():
     # Default backend (inductor): the custom ops must trace with no graph break, and the
     # backward (an in-place rescale of the saved gradient) must compile too.

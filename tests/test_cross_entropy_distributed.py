@@ -4,6 +4,7 @@ processes on CPU, against the single-process float64 reference on the full vocab
 Each world size is one spawn running every case (process start-up dominates).
 """
 
+import pytest
 import torch
 
 from _distributed import run_workers
@@ -135,6 +136,7 @@ def _check(world_size, cases):
             assert rel_err(grad, ref_grad) <= slack * rel_err(xt.grad, ref_grad)
 
 
+@pytest.mark.compat
 def test_two_ranks():
     _check(2, CASES_2)
 

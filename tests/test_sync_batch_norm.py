@@ -118,6 +118,7 @@ def _check(world_results, cases):
                      dtype, "eval y")
 
 
+@pytest.mark.compat
 def test_two_ranks_uneven_batches():
     cases = [
         ((3, 5), (4, 6), torch.float32, torch.contiguous_format, 0.1),  # uneven N
