@@ -141,7 +141,8 @@ def _forward_into(input: Tensor, target: Tensor, weight: Tensor | None, grad: Te
                   ignore_index: int, reduction: str, label_smoothing: float, z_loss: float,
                   softcap: float | None, divisor: Tensor | None = None,
                   divisor_value: float | None = None, *, plan: _Plan | None = None,
-                  rows_geometry_out: list | None = None) -> Tensor:
+                  rows_geometry_out: list | None = None,
+                  lse_out: list | None = None) -> Tensor:
     """Run the prep, fused and finishing kernels; returns the reduced (or per-row) loss in
     input's dtype. Three launches (two with reduction="none"), no other device op in the
     common case, and no host synchronisation.
@@ -192,6 +193,8 @@ def _forward_into(input: Tensor, target: Tensor, weight: Tensor | None, grad: Te
             logits_rows, grad_rows, target_rows, weight, loss_rows, lse_rows, reduce_buf,
             ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss,
             softcap=softcap, prob_target=plan.prob_target, write_grad=grad is not None)
+        if lse_out is not None:  # the target-gradient path keeps the per-row lse
+            lse_out.append(lse_rows)
         if reduction == "none":
             return loss_rows.view(plan.loss_shape).to(input.dtype)
         out = _alloc.empty((), dtype=input.dtype, device=device)
@@ -409,13 +412,16 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None,
         target = target.contiguous()
     grad_mode = torch.is_grad_enabled()
     needs_grad = grad_mode and input.requires_grad
-    if grad_mode and target.requires_grad and target.is_floating_point():
-        raise ValueError("fusedgrad.cross_entropy: gradients with respect to probability "
-                         "`target` are not supported; pass target.detach()")
     if weight is not None and weight.requires_grad and grad_mode:
         raise ValueError("fusedgrad.cross_entropy: gradients with respect to `weight` are not "
                          "supported (torch does not compute them either); pass "
                          "weight.detach()")
+    if grad_mode and target.requires_grad and target.is_floating_point():
+        # Probability targets that require grad (rare): their own op, so the common path
+        # stays as it is. inplace_backward does not apply (the logits are kept for dL/dy).
+        return cross_entropy_with_target_grad(input, target, weight, ignore_index, reduction,
+                                              label_smoothing, z_loss, softcap, divisor,
+                                              divisor_value, process_group)
     if inplace_backward and needs_grad and input.is_leaf:
         # Checked before any kernel runs: the caller's leaf must not be overwritten.
         raise ValueError("fusedgrad.cross_entropy: inplace_backward=True would overwrite "
@@ -572,3 +578,7 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
         return (f"reduction={self.reduction}, label_smoothing={self.label_smoothing}, "
                 f"z_loss={self.z_loss}, softcap={self.softcap}, "
                 f"inplace_backward={self.inplace_backward}")
+
+
+# The probability-target-gradient ops (registered at import, never inside a traced call).
+from ._ce_target_grad import cross_entropy_with_target_grad  # noqa: E402

@@ -178,7 +178,7 @@ def compile_all(configs: Iterable[KernelConfig], arch: int = 90,
 
 
 # Launcher modules (inside the fusedgrad package) that expose ``static_configs()``.
-LAUNCHER_MODULES = ("_ce_launch", "_bn_launch")
+LAUNCHER_MODULES = ("_ce_launch", "_bn_launch", "_ce_target_grad")
 
 
 def all_static_configs() -> list[KernelConfig]:
