@@ -117,6 +117,7 @@ def test_every_launch_sets_fp_fusion(device):
         fg.cross_entropy(x, t, weight=w, label_smoothing=0.1).backward()
         p = torch.softmax(torch.randn(6, 11, device=device), -1)
         fg.cross_entropy(x, p, reduction="none").sum().backward()
+        fg.cross_entropy(x, p.requires_grad_()).backward()  # probability-target gradient
         xb = torch.randn(4, 3, 5, device=device, requires_grad=True)
         rm, rv = torch.zeros(3, device=device), torch.ones(3, device=device)
         fg.batch_norm(xb, rm, rv, torch.rand(3, device=device), torch.randn(3, device=device),
@@ -126,6 +127,7 @@ def test_every_launch_sets_fp_fusion(device):
     seen = _recorded_launches(run_ops)
     names = {name for name, _ in seen}
     assert any("cross_entropy" in n for n in names) and any("bn_" in n for n in names), names
+    assert "ce_target_grad_kernel" in names, names
     missing = sorted({name for name, kw in seen
                       if kw.get("enable_fp_fusion") is not _runtime.FP_FUSION})
     assert not missing, f"launches without enable_fp_fusion=FP_FUSION: {missing}"
