@@ -494,10 +494,24 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
     (fp32 accumulation of the weight gradient across chunks); backward only scales them
     by grad_output. See the module docstring for reduction="none" and the memory model.
     """
+    return _linear_cross_entropy(
+        input, linear_weight, target, linear_bias=linear_bias, weight=weight,
+        reduction=reduction, ignore_index=ignore_index, label_smoothing=label_smoothing,
+        z_loss=z_loss, softcap=softcap, divisor=divisor, process_group=process_group,
+        chunk_size=chunk_size)
+
+
+def _linear_cross_entropy(input, linear_weight, target, *, linear_bias, weight, reduction,
+                          ignore_index, label_smoothing, z_loss, softcap, divisor,
+                          process_group, chunk_size, fp32_loss=False):
+    """linear_cross_entropy; ``fp32_loss`` returns the loss in fp32 whatever the input
+    dtype (the loss is computed in fp32 anyway; transformers' causal-LM loss is fp32)."""
     if ignore_index is None:
         ignore_index = -100
     input, linear_weight, linear_bias, loss_dtype = _autocast_inputs(input, linear_weight,
                                                                      linear_bias)
+    if fp32_loss and loss_dtype is not None and loss_dtype != torch.float64:
+        loss_dtype = torch.float32
     _validate(input, linear_weight, target, linear_bias, weight, chunk_size)
     n_classes, hidden = linear_weight.shape
     lead = tuple(input.shape[:-1])

@@ -192,3 +192,19 @@ def test_fused_linear_other_families(family):
     b = _loss_and_grads(stock, input_ids=ids, labels=labels)
     assert a[0].logits is None
     _compare(a, b, family)
+
+
+def test_fused_linear_bf16_model_loss_is_fp32():
+    # As transformers' own causal-LM loss (it upcasts the logits), the fused path returns an
+    # fp32 loss for a bf16 model; the value agrees within bf16 tolerance.
+    from fusedgrad.integrations import transformers as fg_hf
+
+    stock, ours = _models("llama")
+    stock, ours = stock.to(torch.bfloat16), ours.to(torch.bfloat16)
+    fg_hf.apply(ours, fused_linear=True)
+    ids, labels = _batch()
+    a = _loss_and_grads(ours, input_ids=ids, labels=labels)
+    b = _loss_and_grads(stock, input_ids=ids, labels=labels)
+    assert a[0].loss.dtype == b[0].loss.dtype == torch.float32
+    assert_close(a[0].loss, b[0].loss, torch.bfloat16, "bf16 loss")
+    assert_close(a[1]["lm_head.weight"], b[1]["lm_head.weight"], torch.bfloat16, "lm_head")

@@ -14,7 +14,8 @@ function (``ForConditionalGeneration``, ...) with :func:`causal_lm_loss`:
 kernel computes in fp32 and writes the gradient in the logits' dtype), with transformers'
 label shift, ``shift_labels``, ``ignore_index`` and ``num_items_in_batch`` (a "sum"
 divided on the device through ``divisor=``). The loss comes back in the logits' dtype,
-as ``F.cross_entropy`` returns it (transformers' own loss is fp32 because it upcasts).
+as ``F.cross_entropy`` returns it (transformers' own loss is fp32 because it upcasts);
+the fused path returns it in fp32.
 
 ``fused_linear=True`` also wraps the forward of Llama, Mistral, Qwen2, Qwen3, Gemma2 and
 Gemma3 causal LMs (``*ForCausalLM``). In training mode with ``labels``, the model runs as
@@ -36,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from ..cross_entropy import cross_entropy
-from ..linear_cross_entropy import linear_cross_entropy
+from ..linear_cross_entropy import _linear_cross_entropy
 
 # (module path, class name) of the causal LMs whose forward fused_linear wraps.
 FUSED_LINEAR_MODELS = (
@@ -89,9 +90,12 @@ def fused_causal_lm_loss(hidden_states, lm_head_weight, labels, *, lm_head_bias=
     hidden = hidden_states.reshape(-1, hidden_states.shape[-1])
     target = shift_labels.reshape(-1).to(hidden.device)
     reduction, divisor = _divisor(num_items_in_batch, hidden.device)
-    return linear_cross_entropy(hidden, lm_head_weight, target, linear_bias=lm_head_bias,
-                                reduction=reduction, ignore_index=ignore_index,
-                                softcap=softcap, divisor=divisor)
+    # The loss in fp32, as transformers' own (it is computed in fp32 either way).
+    return _linear_cross_entropy(hidden, lm_head_weight, target, linear_bias=lm_head_bias,
+                                 weight=None, reduction=reduction, ignore_index=ignore_index,
+                                 label_smoothing=0.0, z_loss=0.0, softcap=softcap,
+                                 divisor=divisor, process_group=None, chunk_size=None,
+                                 fp32_loss=True)
 
 
 # ---------------------------------------------------------------- the fused forward
