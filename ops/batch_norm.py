@@ -20,78 +20,10 @@ Statistics, weights and gradients of weights are computed in float32 (float64 fo
 input); weights of another dtype are converted for the kernels and gradients converted back.
 """
 
-import math
-
 import torch
 
 from . import _bn_launch as L
-from ._runtime import check_device, check_same_device, interpreter_active
-
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-
-
-_INTERPRETING: list = []
-
-
-def _interpreting() -> bool:
-    # Fixed for the process (Triton chose its backend when it was first imported), so it is
-    # looked up once: interpreter_active() imports and inspects on every call.
-    if not _INTERPRETING:
-        _INTERPRETING.append(interpreter_active())
-    return _INTERPRETING[0]
-
-
-# ----------------------------------------------------------------------------- validation
-
-
-def _check_inputs(input, running_mean, running_var, weight, bias, training, momentum, eps,
-                  check_batch_size=True):
-    if not isinstance(input, torch.Tensor):
-        raise TypeError(f"fusedgrad.batch_norm: `input` must be a Tensor, got {type(input)}")
-    if input.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"fusedgrad.batch_norm: `input` must be float32, float16, bfloat16 or "
-                        f"float64, got {input.dtype}")
-    if input.dim() < 2:
-        raise ValueError(f"fusedgrad.batch_norm: `input` must have shape (N, C, *), got "
-                         f"{tuple(input.shape)}")
-    device = input.device
-    if not (device.type == "cuda" or _interpreting()):
-        check_device("input", input)
-    C = input.shape[1]
-    for name, t in (("running_mean", running_mean), ("running_var", running_var),
-                    ("weight", weight), ("bias", bias)):
-        if t is None:
-            continue
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"fusedgrad.batch_norm: `{name}` must be a Tensor or None")
-        if t.dtype not in _FLOAT_DTYPES:
-            raise TypeError(f"fusedgrad.batch_norm: `{name}` must be floating point, got "
-                            f"{t.dtype}")
-        if t.numel() != C:
-            raise ValueError(f"fusedgrad.batch_norm: `{name}` should contain {C} elements "
-                             f"(input channels) not {t.numel()}")
-        if t.device != device:
-            check_same_device("input", input, name, t)
-    if (running_mean is None) != (running_var is None):
-        raise ValueError("fusedgrad.batch_norm: `running_mean` and `running_var` must both be "
-                         "given or both be None")
-    if not training and running_mean is None:
-        raise ValueError("fusedgrad.batch_norm: `running_mean` and `running_var` must be "
-                         "defined in evaluation mode (training=False)")
-    if momentum is not None and not isinstance(momentum, (int, float)):
-        raise TypeError(f"fusedgrad.batch_norm: `momentum` must be a float, got "
-                        f"{type(momentum)}")
-    if not isinstance(eps, (int, float)) or eps < 0:
-        raise ValueError(f"fusedgrad.batch_norm: `eps` must be a non-negative float, got {eps}")
-    if training and eps <= 0:
-        raise ValueError(f"fusedgrad.batch_norm: `eps` must be positive during training, got "
-                         f"{eps}")
-    if training and check_batch_size:
-        size_prods = input.shape[0] * math.prod(input.shape[2:])
-        if size_prods == 1:
-            raise ValueError("Expected more than 1 value per channel when training, got input "
-                             f"size {input.size()}")
-
+from ._bn_validate import validate, validate_epilogue
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -101,9 +33,6 @@ def as_acc(t, acc):
     if t is None or (t.dtype == acc and t.is_contiguous()):
         return t  # the kernels index a contiguous [C] tensor: its shape does not matter
     return t.reshape(-1).to(acc).contiguous()
-
-
-_as_acc = as_acc  # the old private name, still imported by ops/sync_batch_norm.py
 
 
 def _fake_output(x: torch.Tensor) -> torch.Tensor:
@@ -423,38 +352,6 @@ FUSED_ACTIVATIONS = frozenset(ACTIVATIONS)
 LEAKY_RELU_DEFAULT_SLOPE = 0.01
 
 
-def _check_fused_args(input, activation, activation_param, residual):
-    """(activation name, parameter) after validating the fused-epilogue arguments."""
-    if activation is None:
-        activation = "identity"
-    if not isinstance(activation, str) or activation not in ACTIVATIONS:
-        raise ValueError(f"fusedgrad.batch_norm: `activation` must be None or one of "
-                         f"{', '.join(repr(a) for a in ACTIVATIONS)}, got {activation!r}")
-    if activation_param is not None:
-        if activation != "leaky_relu":
-            raise ValueError("fusedgrad.batch_norm: `activation_param` is leaky_relu's "
-                             f"negative slope; activation {activation!r} takes none")
-        if isinstance(activation_param, bool) or not isinstance(activation_param,
-                                                                (int, float)):
-            raise TypeError(f"fusedgrad.batch_norm: `activation_param` must be a float, got "
-                            f"{type(activation_param)}")
-    param = 0.0
-    if activation == "leaky_relu":
-        param = LEAKY_RELU_DEFAULT_SLOPE if activation_param is None else float(activation_param)
-    if residual is not None:
-        if not isinstance(residual, torch.Tensor):
-            raise TypeError(f"fusedgrad.batch_norm: `residual` must be a Tensor or None, got "
-                            f"{type(residual)}")
-        if residual.shape != input.shape:
-            raise ValueError(f"fusedgrad.batch_norm: `residual` must have the input's shape "
-                             f"{tuple(input.shape)}, got {tuple(residual.shape)}")
-        if residual.dtype != input.dtype:
-            raise TypeError(f"fusedgrad.batch_norm: `residual` must have the input's dtype "
-                            f"{input.dtype}, got {residual.dtype}")
-        check_same_device("input", input, "residual", residual)
-    return activation, param
-
-
 def _torch_activation(z, activation, param):
     F = torch.nn.functional
     if activation == "relu":
@@ -500,8 +397,10 @@ def batch_norm_tracked(input, running_mean, running_var, weight, bias, training,
                        activation_param=None):
     """batch_norm with an optional num_batches_tracked: momentum=None then means a cumulative
     average with factor 1 / num_batches_tracked, read on the device (the modules pass it)."""
-    _check_inputs(input, running_mean, running_var, weight, bias, training, momentum, eps)
-    activation, slope = _check_fused_args(input, activation, activation_param, residual)
+    validate(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    activation, slope = validate_epilogue(input, activation, activation_param, residual,
+                                          activations=ACTIVATIONS,
+                                          default_slope=LEAKY_RELU_DEFAULT_SLOPE)
     cumulative = momentum is None
     if cumulative and training and running_mean is not None and num_batches_tracked is None:
         raise TypeError("fusedgrad.batch_norm: `momentum` must be a float (momentum=None, the "
@@ -543,13 +442,6 @@ def _compiled_path(input, running_mean, running_var, weight, bias, residual, nbt
                                  slope)
     return _batch_norm_eval(input, weight, bias, running_mean, running_var, eps, residual,
                             activation, slope)
-
-
-def _batch_norm_impl(input, running_mean, running_var, weight, bias, training, momentum, eps,
-                     num_batches_tracked, **fused):
-    """Deprecated private name kept for the modules until they import batch_norm_tracked."""
-    return batch_norm_tracked(input, running_mean, running_var, weight, bias, training,
-                              momentum, eps, num_batches_tracked, **fused)
 
 
 # `fusedgrad.batch_norm` is this function (the package re-exports it over the module name),

@@ -18,7 +18,7 @@ import torch.distributed as dist
 from . import _alloc
 from . import _bn_launch as L
 from ._bn_validate import validate, validate_module_args
-from .batch_norm import _as_acc
+from .batch_norm import as_acc
 from .batch_norm_modules import module_batch_norm, module_state
 
 
@@ -67,7 +67,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         else:
             local = L.stats_local(xp, plan)
         gathered = _all_gather_stats(local, group, world_size)
-        rm, rv = _as_acc(running_mean, acc), _as_acc(running_var, acc)
+        rm, rv = as_acc(running_mean, acc), as_acc(running_var, acc)
         mean, invstd, count = L.merge_stats_final(
             gathered, 3 * C, C, world_size, C, eps, rm, rv, num_batches_tracked, momentum,
             cumulative, want_count=True)
@@ -76,7 +76,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
                 running_mean.copy_(rm.view_as(running_mean))
             if rv.data_ptr() != running_var.data_ptr():
                 running_var.copy_(rv.view_as(running_var))
-        w, b = _as_acc(weight, acc), _as_acc(bias, acc)
+        w, b = as_acc(weight, acc), as_acc(bias, acc)
         y = _alloc.empty_like(x) if empty else L.apply(xp, plan, mean, invstd, False, w, b, eps)
         ctx.save_for_backward(x, weight, mean, invstd, count)
         ctx.bias_dtype = bias.dtype if bias is not None else None
@@ -106,7 +106,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
             if x.numel() == 0:
                 dx = _alloc.empty_like(x)
             else:
-                dx = L.dx(xp, dy, plan, mean, invstd, False, _as_acc(weight, acc), sums, count,
+                dx = L.dx(xp, dy, plan, mean, invstd, False, as_acc(weight, acc), sums, count,
                           True, ctx.eps)
         dw = grad_weight.to(weight.dtype) if (need[1] and weight is not None) else None
         db = grad_bias.to(ctx.bias_dtype) if need[2] else None
