@@ -1,57 +1,62 @@
 """``python -m bench static``: compile every launcher configuration without a GPU.
 
-For each kernel configuration that fusedgrad's launchers can choose (each launcher
-module's ``static_configs()``, see ``fusedgrad.static_check``) and each target
-(sm_90 and sm_80 by default) this prints registers, spills, local memory, shared
-memory and the widest global load read from the PTX (16 B = vectorised hot loads).
+The configurations come from real calls: bench/launch_capture.py runs the public ops over
+a grid of shapes, dtypes, layouts and features (on CPU tensors, Triton's launches stubbed
+and recorded) and bench/static_check.py types each recorded launch with Triton's own
+argument specialisation; one compilation per launcher choice (kernel, constexprs, pointer
+dtypes, num_warps, num_stages, other options). For each and each target (sm_90 and sm_80
+by default) this prints registers, spills, local memory, shared memory and the widest
+global load read from the PTX (16 B = vectorised hot loads).
 
 Exit status: 1 on any spill/local memory, shared memory over the architecture's limit,
-a compile error, or a launcher module that exists but fails to import; 0 otherwise. A
-launcher module that does not exist yet (or has no ``static_configs``) is reported as
-"not available" and does not fail the run. Must run with Triton's interpreter OFF
-(``bench/__main__`` removes TRITON_INTERPRET for this command).
+a compile error, or a call of the grid that raised; 0 otherwise. Must run with Triton's
+interpreter OFF (``bench/__main__`` removes TRITON_INTERPRET for this command); the
+recording runs in a child process with it on.
 """
 
 from __future__ import annotations
 
-import importlib
+import os
+import pickle
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 ARCHS = (90, 80)
 COMPILE_WORKERS = 2  # CI machines have 2 cores
+REPO = Path(__file__).resolve().parent.parent
 
 
-def collect_configs(modules=None) -> tuple[list, list[tuple[str, str]], list[tuple[str, str]]]:
-    """(configs, [(module, why not available)], [(module, import error)]).
+def record_launches() -> tuple[list, list[str]]:
+    """(records, errors) of bench/launch_capture.py, run in a child process with Triton's
+    interpreter on (the grid's CPU tensors need it)."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "launches.pkl"
+        res = subprocess.run([sys.executable, "-m", "bench.launch_capture", str(out)],
+                             cwd=REPO, env=env, capture_output=True, text=True)
+        if res.returncode != 0 or not out.exists():
+            tail = (res.stderr or res.stdout).strip().splitlines()[-5:]
+            return [], [f"recording launches failed (exit {res.returncode}): "
+                        + " | ".join(tail)]
+        data = pickle.loads(out.read_bytes())
+    return data["records"], data["errors"]
 
-    modules: launcher module names inside ``fusedgrad`` (default: every registered one,
-    ``static_check.LAUNCHER_MODULES``).
-    """
-    from fusedgrad import static_check
 
-    configs, unavailable, broken = [], [], []
-    for mod in static_check.LAUNCHER_MODULES if modules is None else modules:
-        full = f"fusedgrad.{mod}"
-        try:
-            module = importlib.import_module(full)
-        except ModuleNotFoundError as exc:
-            if exc.name == full:
-                unavailable.append((mod, "module not present in this checkout"))
-            else:
-                broken.append((mod, f"ModuleNotFoundError: {exc}"))
-            continue
-        except Exception as exc:  # noqa: BLE001 - a module that exists but is broken
-            broken.append((mod, f"{type(exc).__name__}: {exc}"))
-            continue
-        fn = getattr(module, "static_configs", None)
-        if fn is None:
-            unavailable.append((mod, "has no static_configs()"))
-            continue
-        try:
-            configs.extend(fn())
-        except Exception as exc:  # noqa: BLE001
-            broken.append((mod, f"static_configs() raised {type(exc).__name__}: {exc}"))
-    return configs, unavailable, broken
+def collect_configs() -> tuple[list, list[str]]:
+    """(configs, errors): one KernelConfig per launcher choice among the recorded launches."""
+    from . import static_check
+
+    records, errors = record_launches()
+    try:
+        configs = static_check.configs_from_records(records)
+    except Exception as exc:  # noqa: BLE001 - reported, fails the run
+        return [], errors + [f"typing the recorded launches failed: {type(exc).__name__}: "
+                             f"{exc}"]
+    return configs, errors
 
 
 def compile_reports(configs: list, arch: int, workers: int = COMPILE_WORKERS):
@@ -60,7 +65,7 @@ def compile_reports(configs: list, arch: int, workers: int = COMPILE_WORKERS):
     Compiles in parallel with ``static_check.compile_all``; if any compilation fails,
     compiles again one by one to say which configurations failed and why.
     """
-    from fusedgrad import static_check
+    from . import static_check
 
     try:
         reports = static_check.compile_all(configs, arch, workers=workers)
@@ -79,7 +84,10 @@ def compile_reports(configs: list, arch: int, workers: int = COMPILE_WORKERS):
 
 def config_text(cfg) -> str:
     consts = " ".join(f"{k}={v}" for k, v in cfg.constexprs.items())
-    return f"warps={cfg.num_warps} stages={cfg.num_stages} {consts}".strip()
+    extra = " ".join(f"{k}={v}" for k, v in getattr(cfg, "options", ())
+                     if k == "maxnreg" or (k == "debug" and v))
+    return f"warps={cfg.num_warps} stages={cfg.num_stages} {extra} {consts}".replace(
+        "  ", " ").strip()
 
 
 HEADER = ("kernel", "sm", "configuration", "regs", "spill B", "local B", "smem B",
@@ -111,14 +119,17 @@ def format_rows(rows: list[tuple]) -> str:
     return "\n".join(lines)
 
 
-def main(archs=ARCHS, workers: int = COMPILE_WORKERS, modules=None) -> int:
+def main(archs=ARCHS, workers: int = COMPILE_WORKERS, configs=None) -> int:
+    """configs: compile these instead of the recorded launches (tests)."""
     t0 = time.time()
-    configs, unavailable, broken = collect_configs(modules)
-    for mod, why in unavailable:
-        print(f"static: fusedgrad.{mod}: not available ({why})")
-    for mod, why in broken:
-        print(f"static: fusedgrad.{mod}: IMPORT ERROR {why}")
-    failures = len(broken)
+    errors = []
+    if configs is None:
+        configs, errors = collect_configs()
+        print(f"static: {len(configs)} configurations from the launchers' recorded calls "
+              f"({time.time() - t0:.1f} s)")
+    for err in errors:
+        print(f"static: GRID CALL FAILED {err}")
+    failures = len(errors)
     if not configs:
         print("static: no kernel configurations to compile")
     else:

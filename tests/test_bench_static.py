@@ -1,18 +1,19 @@
-"""bench/static.py: collecting launcher configs, verdicts, and one real offline compile."""
+"""bench/static.py, bench/static_check.py and bench/launch_capture.py: configurations from
+recorded launcher calls, verdicts, and one real offline compile."""
 
 import os
 import subprocess
 import sys
 import textwrap
-import types
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 # bench/ is a folder of the repository (run as `python -m bench`), not an installed package.
 sys.path.insert(0, str(REPO))
 
-from bench import static  # noqa: E402
-from fusedgrad import static_check  # noqa: E402
+from bench import launch_capture, static, static_check  # noqa: E402
 
 
 def _report(**kw):
@@ -48,46 +49,86 @@ def test_verdicts_fail_on_spills_shared_and_compile_errors():
     assert table.splitlines()[0].split()[:3] == ["kernel", "sm", "configuration"]
 
 
-def test_missing_or_incomplete_launchers_are_reported_not_fatal(monkeypatch, capsys):
-    monkeypatch.setitem(sys.modules, "fusedgrad._bench_test_noconfigs",
-                        types.ModuleType("fusedgrad._bench_test_noconfigs"))
-    rc = static.main(archs=(90,), modules=("_bench_test_absent", "_bench_test_noconfigs"))
+def test_failing_grid_call_fails_the_run(monkeypatch, capsys):
+    monkeypatch.setattr(static, "collect_configs", lambda: ([], ["ce V=7: RuntimeError: x"]))
+    assert static.main(archs=(90,)) == 1
     out = capsys.readouterr().out
-    assert rc == 0
-    assert "_bench_test_absent: not available (module not present" in out
-    assert "_bench_test_noconfigs: not available (has no static_configs())" in out
-    assert "no kernel configurations to compile" in out
+    assert "GRID CALL FAILED ce V=7" in out and "FAILED" in out.splitlines()[-1]
 
 
-def test_broken_launcher_fails_the_run(monkeypatch, capsys):
-    mod = types.ModuleType("fusedgrad._bench_test_broken")
+@pytest.fixture(scope="module")
+def ce_records():
+    # The cross-entropy part of the grid, recorded in this (interpreter) process.
+    import fusedgrad as fg  # noqa: F401  (the launchers the grid calls)
 
-    def static_configs():
-        raise RuntimeError("bad heuristic table")
+    old = launch_capture.CALL_SOURCES
+    launch_capture.CALL_SOURCES = (launch_capture._ce_calls,)
+    try:
+        records, errors = launch_capture.collect()
+    finally:
+        launch_capture.CALL_SOURCES = old
+    assert not errors, errors
+    return records
 
-    mod.static_configs = static_configs
-    monkeypatch.setitem(sys.modules, "fusedgrad._bench_test_broken", mod)
-    rc = static.main(archs=(90,), modules=("_bench_test_broken",))
-    assert rc == 1
-    assert "bad heuristic table" in capsys.readouterr().out
+
+def test_grid_reaches_every_block_choice_of_the_ce_launcher(ce_records):
+    # Every (BLOCK_V, SINGLE_BLOCK) the launcher's heuristic gives for the grid's vocabularies
+    # was really launched, with and without int64 offsets.
+    import torch
+
+    from fusedgrad import _ce_launch as launch
+
+    launched = {(kw.get("BLOCK_V"), kw.get("SINGLE_BLOCK"), kw.get("LARGE_OFFSETS"))
+                for mod, name, _, kw in ce_records if name == "cross_entropy_fwd_bwd_kernel"}
+    for dtype in (torch.float32, torch.float64):
+        for vocab in launch_capture.CE_VOCABS:
+            block_v, single = launch.fused_block_v(vocab, dtype, False)
+            if not single and hasattr(launch, "choose_path"):
+                continue  # long rows may take another kernel (the split-row path)
+            for large in (False, True):
+                assert (block_v, single, large) in launched, (dtype, vocab, large)
+    names = {name for _, name, _, _ in ce_records}
+    assert {"ce_prep_kernel", "ce_finish_kernel", "scale_grad_kernel"} <= names
+
+
+def test_recorded_launches_become_typed_configs(ce_records):
+    # Triton's own specialisation types the arguments: no parameter list is restated.
+    # (Needs the real JIT functions: run in a child process without the interpreter.)
+    import pickle
+
+    code = textwrap.dedent("""
+        import pickle, sys
+        from bench import static_check
+        configs = static_check.configs_from_records(pickle.load(sys.stdin.buffer))
+        prep = [c for c in configs if c.fn.__name__ == "ce_prep_kernel"]
+        c = prep[0]
+        assert c.signature["target_ptr"] in ("*i64", "*i32", "*u8"), c.signature
+        assert c.signature["BLOCK"] == "constexpr" and dict(c.options)["debug"] is True
+        assert "reduce_ptr" in c.aligned and c.num_stages >= 1
+        print(len(configs), len(prep))
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(REPO)
+    res = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True,
+                         input=pickle.dumps(ce_records), timeout=300)
+    assert res.returncode == 0, res.stderr.decode()[-3000:]
+    n_configs, n_prep = map(int, res.stdout.split())
+    assert n_prep >= 4 and n_configs > n_prep  # divisor modes, weights; the other kernels
 
 
 TOY = textwrap.dedent("""
-    import sys, types
+    import sys
     from bench import cli, static
 
     def toy_configs():
         from fusedgrad.kernels import _probe
-        from fusedgrad.static_check import KernelConfig
+        from bench.static_check import KernelConfig
         return [KernelConfig(name="probe", fn=_probe.probe_kernel,
                              signature={"out_ptr": "*fp32"}, constexprs={}, num_warps=1,
                              aligned=("out_ptr",))]
 
-    mod = types.ModuleType("fusedgrad._bench_toy_launch")
-    mod.static_configs = toy_configs
-    sys.modules["fusedgrad._bench_toy_launch"] = mod
     real_main = static.main
-    static.main = lambda archs, workers: real_main(archs, workers, modules=("_bench_toy_launch",))
+    static.main = lambda archs, workers: real_main(archs, workers, configs=toy_configs())
     sys.exit(cli.main(["static", "--arch", "90", "80"]))
 """)
 

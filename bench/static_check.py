@@ -1,0 +1,273 @@
+"""Offline (no-GPU) compilation of kernel configurations and their resource report.
+
+Triton compiles for a GPU it does not have: ``triton.compile(ASTSource(...),
+target=GPUTarget("cuda", arch, 32))`` yields PTX and a cubin on any machine.
+From those we read what the interpreter cannot show: registers, spills, local
+memory, shared memory and the widest global load (are hot loads 16 bytes wide?).
+
+The configurations are not written down anywhere: bench/launch_capture.py records every
+launch the launchers make over a grid of real calls, and :func:`configs_from_records` types
+each recorded launch with Triton's own argument specialisation (pointer dtypes and 16-byte
+alignment, integers equal to 1 or divisible by 16, i32/i64), constexprs and launch options
+(num_warps, num_stages, maxnreg, debug, fp fusion), exactly as a GPU launch would.
+
+Tooling, not part of the installed package (``python -m bench static`` compiles them all).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import subprocess
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+
+# Shared memory a single CTA may use (opt-in maximum) per compute capability.
+SHARED_LIMIT_BYTES = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelConfig:
+    """One compilation of one kernel, as a launcher would launch it.
+
+    name: label for reports. fn: the ``@triton.jit`` function.
+    signature: every argument name -> Triton type string ("*fp32", "i32", "i64",
+        "fp32", or "constexpr"), in the kernel's argument order.
+    constexprs: values of the constexpr arguments (including any integer argument
+        specialised to the constant 1, as Triton does for unit strides at run time).
+    aligned: arguments Triton would see as 16-divisible at run time (pointers from
+        the caching allocator; sizes/strides that are multiples of 16).
+    num_warps / num_stages: launch options; options: any other compile options of the
+        launch (maxnreg, debug, enable_fp_fusion, ...).
+    """
+
+    name: str
+    fn: object
+    signature: dict
+    constexprs: dict
+    num_warps: int
+    aligned: tuple = ()
+    num_stages: int = 1
+    options: tuple = ()  # ((name, value), ...): hashable
+
+
+@dataclasses.dataclass
+class CompileReport:
+    name: str
+    arch: int
+    num_warps: int
+    registers: int
+    spill_stores: int
+    spill_loads: int
+    local_bytes: int
+    shared_bytes: int
+    widest_load_bits: int
+
+    @property
+    def spills(self) -> int:
+        return self.spill_stores + self.spill_loads
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.spills or self.local_bytes:
+            out.append(f"spills ({self.spill_stores} B stores, {self.spill_loads} B loads, "
+                       f"{self.local_bytes} B local)")
+        limit = SHARED_LIMIT_BYTES.get(self.arch)
+        if limit is not None and self.shared_bytes > limit:
+            out.append(f"shared memory {self.shared_bytes} B > limit {limit} B")
+        return out
+
+
+_LD_GLOBAL = re.compile(r"\bld\.global(?:\.[a-z0-9_:]+)*?(?:\.v(\d))?\.[bfsu](\d+)\b")
+_PTXAS_USED = re.compile(r"Used (\d+) registers")
+_PTXAS_SPILL = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
+_PTXAS_STACK = re.compile(r"(\d+) bytes stack frame")
+
+
+def widest_global_load_bits(ptx: str) -> int:
+    """Width in bits of the widest ``ld.global`` in ``ptx`` (128 = 16-byte vector loads)."""
+    best = 0
+    for m in _LD_GLOBAL.finditer(ptx):
+        vec = int(m.group(1) or 1)
+        best = max(best, vec * int(m.group(2)))
+    return best
+
+
+def _attrs(cfg: KernelConfig) -> dict:
+    names = list(cfg.signature)
+    return {(names.index(a),): [["tt.divisibility", 16]] for a in cfg.aligned
+            if a in names and cfg.signature[a] != "constexpr"}
+
+
+def compile_config(cfg: KernelConfig, arch: int = 90) -> CompileReport:
+    """Compile ``cfg`` for ``sm_<arch>`` without a GPU and read its resource usage."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import get_ptxas
+    from triton.compiler import ASTSource
+
+    src = ASTSource(fn=cfg.fn, signature=dict(cfg.signature), constexprs=dict(cfg.constexprs),
+                    attrs=_attrs(cfg))
+    from fusedgrad._runtime import FP_FUSION
+
+    # The same fp-fusion setting the launchers pass (not Triton's version-dependent default),
+    # unless the recorded launch says otherwise.
+    options = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages,
+               "enable_fp_fusion": FP_FUSION, **dict(cfg.options)}
+    kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+    ptx = kernel.asm["ptx"]
+    # ptxas -v gives exact register / spill counts for the PTX Triton produced.
+    ptxas = get_ptxas(arch).path
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx_path = Path(tmp) / "k.ptx"
+        ptx_path.write_text(ptx)
+        res = subprocess.run([ptxas, "-v", f"--gpu-name=sm_{arch}a" if arch == 90 else
+                              f"--gpu-name=sm_{arch}", str(ptx_path), "-o", str(Path(tmp) / "k.o")],
+                             capture_output=True, text=True, check=True)
+    log = res.stderr + res.stdout
+    regs = int(_PTXAS_USED.search(log).group(1))
+    spill = _PTXAS_SPILL.search(log)
+    stack = _PTXAS_STACK.search(log)
+    return CompileReport(
+        name=cfg.name, arch=arch, num_warps=cfg.num_warps, registers=regs,
+        spill_stores=int(spill.group(1)) if spill else 0,
+        spill_loads=int(spill.group(2)) if spill else 0,
+        local_bytes=int(stack.group(1)) if stack else 0,
+        shared_bytes=int(kernel.metadata.shared),
+        widest_load_bits=widest_global_load_bits(ptx),
+    )
+
+
+def _kernel_ref(fn) -> tuple[str, str]:
+    """(module, name) of a @triton.jit function, interpreted or not."""
+    inner = getattr(fn, "fn", fn)
+    return inner.__module__, inner.__name__
+
+
+def _compile_spec(spec: dict, arch: int) -> CompileReport:
+    """Worker entry point: resolve the kernel by name (JIT functions do not pickle)."""
+    import importlib
+
+    module, name = spec.pop("fn_ref")
+    fn = getattr(importlib.import_module(module), name)
+    return compile_config(KernelConfig(fn=fn, **spec), arch)
+
+
+def compile_all(configs: Iterable[KernelConfig], arch: int = 90,
+                workers: int | None = None) -> list[CompileReport]:
+    """Compile many configurations in worker processes (compilation is CPU bound).
+
+    Workers are fresh processes without TRITON_INTERPRET, so this works from a
+    process whose kernels run in Triton's interpreter (the CPU test suite).
+    """
+    import concurrent.futures as cf
+    import multiprocessing as mp
+    import os
+
+    configs = list(configs)
+    if not configs:
+        return []
+    specs = []
+    for c in configs:
+        spec = {f.name: getattr(c, f.name) for f in dataclasses.fields(c) if f.name != "fn"}
+        spec["fn_ref"] = _kernel_ref(c.fn)
+        specs.append(spec)
+    workers = workers or max(1, min(len(configs), os.cpu_count() or 1))
+    saved = os.environ.pop("TRITON_INTERPRET", None)
+    try:
+        ctx = mp.get_context("spawn")
+        with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+            return list(pool.map(_compile_spec, specs, [arch] * len(specs), chunksize=4))
+    finally:
+        if saved is not None:
+            os.environ["TRITON_INTERPRET"] = saved
+
+
+# ---- configurations from recorded launches ----------------------------------------------
+
+# Launch options a recorded launch may carry that change the compiled code.
+_COMPILE_OPTIONS = ("maxnreg", "debug", "enable_fp_fusion")
+
+
+class _MockTensor:
+    """A pointer argument as Triton's specialisation sees it: dtype and alignment."""
+
+    def __init__(self, dtype, aligned16: bool):
+        self.dtype = dtype
+        self._ptr = 0 if aligned16 else 8
+
+    def data_ptr(self) -> int:
+        return self._ptr
+
+
+def _unsummarise(value):
+    if type(value).__name__ == "ArgTensor":
+        return _MockTensor(value.dtype, value.aligned16)
+    return value
+
+
+def config_from_record(record) -> KernelConfig:
+    """The KernelConfig Triton would compile for one recorded launch (see
+    bench/launch_capture.py): Triton's binder and argument packing, run without a GPU."""
+    import importlib
+
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    module, name, args, kwargs = record
+    fn = getattr(importlib.import_module(module), name)
+    backend = make_backend(GPUTarget("cuda", 90, 32))
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    kwargs = {k: _unsummarise(v) for k, v in kwargs.items()
+              if k not in ("launch_cooperative_grid",)}  # a launch mode, not code
+    kwargs["debug"] = bool(kwargs.get("debug", fn.debug))
+    bound, specialization, options = binder(*map(_unsummarise, args), **kwargs)
+    opts, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization,
+                                                       options)
+    names = list(signature)
+    constexprs = {names[path[0]]: value for path, value in constexprs.items()}
+    aligned = tuple(names[path[0]] for path, attr in attrs.items()
+                    if ["tt.divisibility", 16] in attr)
+    extra = tuple((k, getattr(opts, k)) for k in _COMPILE_OPTIONS
+                  if k in kwargs and getattr(opts, k, None) is not None)
+    pointers = sorted({t[1:] for t in signature.values() if t.startswith("*")})
+    label = f"{name}[{','.join(pointers)}]"
+    return KernelConfig(label, fn, signature, constexprs, opts.num_warps, aligned=aligned,
+                        num_stages=opts.num_stages, options=extra)
+
+
+def _choice_key(cfg: KernelConfig) -> tuple:
+    """What the launcher chose for a launch: the kernel, its declared constexprs, pointer
+    dtypes, integer widths and launch options. Triton's own value specialisations (an
+    integer equal to 1, or divisible by 16) are not choices of the launcher."""
+    declared = {p.name for p in cfg.fn.params if p.is_constexpr}
+    types = tuple((k, "int" if v == "constexpr" and k not in declared else v)
+                  for k, v in cfg.signature.items() if k not in declared)
+    types = tuple((k, "i32" if t == "int" else t) for k, t in types)
+    consts = tuple(sorted(((k, v) for k, v in cfg.constexprs.items() if k in declared),
+                          key=str))
+    return (cfg.fn.__module__, cfg.fn.__name__, types, consts, cfg.num_warps, cfg.num_stages,
+            cfg.options)
+
+
+def _commonness(cfg: KernelConfig) -> tuple[int, int]:
+    """Higher for the variant real workloads hit: aligned arguments, no unit sizes."""
+    declared = {p.name for p in cfg.fn.params if p.is_constexpr}
+    ones = sum(1 for k in cfg.constexprs if k not in declared)
+    return len(cfg.aligned) - ones, -ones
+
+
+def configs_from_records(records) -> list[KernelConfig]:
+    """One compilation per launcher choice (see _choice_key) among the recorded launches,
+    in first-seen order: of the launches sharing a choice, the most common variant
+    (aligned pointers, sizes and strides; no unit sizes), as the hand-written
+    configurations did."""
+    best: dict = {}
+    for rec in records:
+        cfg = config_from_record(rec)
+        key = _choice_key(cfg)
+        if key not in best or _commonness(cfg) > _commonness(best[key]):
+            best[key] = cfg
+    return list(best.values())
