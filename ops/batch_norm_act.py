@@ -135,9 +135,10 @@ class BatchNormAct2d(_NormActForward, nn.BatchNorm2d):
 
 class SyncBatchNormAct2d(_NormActForward, SyncBatchNorm):
     """SyncBatchNorm + dropout + activation (timm's ``SyncBatchNormAct``): statistics over
-    every rank of ``process_group`` in distributed training; outside it (one process, eval)
-    the same fused path as BatchNormAct2d. Built by ``fusedgrad.convert_sync_batchnorm``
-    from BatchNormAct2d layers, or directly with BatchNormAct2d's arguments."""
+    every rank of ``process_group`` in distributed training (the activation fused as in
+    BatchNormAct2d); outside it (one process, eval) exactly BatchNormAct2d. Built by
+    ``fusedgrad.convert_sync_batchnorm`` from BatchNormAct2d layers, or directly with
+    BatchNormAct2d's arguments."""
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
                  affine: bool = True, track_running_stats: bool = True, apply_act: bool = True,
@@ -152,12 +153,7 @@ class SyncBatchNormAct2d(_NormActForward, SyncBatchNorm):
                               apply_act=apply_act)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if self.sync_group() is not None:
-            # The synchronised path normalises only: dropout and activation follow as modules.
-            return self.act(self.drop(SyncBatchNorm.forward(self, input)))
-        self._check_input_dim(input)
-        self._check_non_zero_input_channels(input)
-        return self._norm_act(input, partial(module_batch_norm, self))
+        return self._norm_act(input, self.norm)
 
 
 SyncBatchNormAct = SyncBatchNormAct2d  # timm's name

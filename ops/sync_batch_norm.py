@@ -4,8 +4,9 @@ Collectives per training step (world size R > 1, C channels, acc = float32 or fl
   forward:  one all_gather of each rank's (count, mean, M2) per channel: 3C acc values per
             rank in, 3RC out. Ranks may hold different batch sizes, including none; the
             per-rank statistics are merged on the device with Chan's formula in rank order.
-  backward: one all_reduce (sum) of [sum dy, sum dy * x_hat]: 2C acc values; then the same
-            elementwise dx kernel as BatchNorm with the global count.
+  backward: one all_reduce (sum) of [sum g, sum g * x_hat]: 2C acc values (g = dy, or
+            dy * act'(z) with a fused activation); then the same elementwise dx kernel as
+            BatchNorm with the global count.
 Running statistics use the global count (unbiased variance). As torch.nn.SyncBatchNorm,
 weight and bias gradients are each rank's local sums (DDP averages them like any other
 parameter gradient). Nothing is read back to the host. Outside a distributed run, with a
@@ -17,8 +18,8 @@ import torch.distributed as dist
 
 from . import _alloc
 from . import _bn_launch as L
-from ._bn_validate import validate, validate_module_args
-from .batch_norm import as_acc
+from ._bn_validate import validate, validate_epilogue, validate_module_args
+from .batch_norm import ACTIVATIONS, LEAKY_RELU_DEFAULT_SLOPE, as_acc
 from .batch_norm_modules import module_batch_norm, module_state
 
 
@@ -56,7 +57,7 @@ class _NoDoubleBackward(torch.autograd.Function):
 class _SyncBatchNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, num_batches_tracked,
-                momentum, cumulative, eps, group, world_size):
+                momentum, cumulative, eps, group, world_size, activation, slope):
         acc = L.acc_dtype(x.dtype)
         C = x.shape[1]
         empty = x.numel() == 0
@@ -77,16 +78,20 @@ class _SyncBatchNormFunction(torch.autograd.Function):
             if rv.data_ptr() != running_var.data_ptr():
                 running_var.copy_(rv.view_as(running_var))
         w, b = as_acc(weight, acc), as_acc(bias, acc)
-        y = _alloc.empty_like(x) if empty else L.apply(xp, plan, mean, invstd, False, w, b, eps)
-        ctx.save_for_backward(x, weight, mean, invstd, count)
-        ctx.bias_dtype = bias.dtype if bias is not None else None
-        ctx.eps, ctx.group = eps, group
+        y = _alloc.empty_like(x) if empty else L.apply(xp, plan, mean, invstd, False, w, b, eps,
+                                                       activation=activation, slope=slope)
+        ctx.save_for_backward(x, weight, bias, mean, invstd, count)
+        ctx.eps, ctx.group, ctx.activation, ctx.slope = eps, group, activation, slope
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, weight, mean, invstd, count = ctx.saved_tensors
+        x, weight, bias, mean, invstd, count = ctx.saved_tensors
         acc = L.acc_dtype(x.dtype)
+        # The activation's derivative needs z = bn(x): recomputed from x, the statistics and
+        # the affine parameters (never stored).
+        w, b = as_acc(weight, acc), as_acc(bias, acc)
+        act = dict(activation=ctx.activation, slope=ctx.slope)
         C = x.shape[1]
         if x.numel() == 0:
             sums = torch.zeros((2, C), dtype=acc, device=x.device)
@@ -97,8 +102,9 @@ class _SyncBatchNormFunction(torch.autograd.Function):
             plan = L.make_plan(xp)
             dy = L.match_layout(grad_y, xp)
             sums, grad_weight, grad_bias = L.bwd_reduce(xp, dy, plan, mean, invstd, False,
-                                                        ctx.eps, True)
-        # The only backward collective: global (sum dy, sum dy * x_hat), 2C values.
+                                                        ctx.eps, True, w, b, **act)
+        # The only backward collective: global (sum g, sum g * x_hat), 2C values
+        # (g = dy * act'(z); g = dy without an activation).
         dist.all_reduce(sums, group=ctx.group)
         need = ctx.needs_input_grad
         dx = None
@@ -106,26 +112,31 @@ class _SyncBatchNormFunction(torch.autograd.Function):
             if x.numel() == 0:
                 dx = _alloc.empty_like(x)
             else:
-                dx = L.dx(xp, dy, plan, mean, invstd, False, as_acc(weight, acc), sums, count,
-                          True, ctx.eps)
+                dx = L.grad_input(xp, dy, plan, mean, invstd, False, w, sums, count, True,
+                                  ctx.eps, b, **act)[0]
         dw = grad_weight.to(weight.dtype) if (need[1] and weight is not None) else None
-        db = grad_bias.to(ctx.bias_dtype) if need[2] else None
+        db = grad_bias.to(bias.dtype) if (need[2] and bias is not None) else None
         if torch.is_grad_enabled():  # create_graph=True: a double backward must fail loudly
             grads = [g for g in (dx, dw, db) if g is not None]
             deps = [t for t in (x, weight, grad_y) if t is not None and t.requires_grad]
             if grads and deps:
                 wrapped = iter(_NoDoubleBackward.apply(len(grads), *grads, *deps))
                 dx, dw, db = (next(wrapped) if g is not None else None for g in (dx, dw, db))
-        return (dx, dw, db) + (None,) * 8
+        return (dx, dw, db) + (None,) * 10
 
 
 def sync_batch_norm(input, running_mean, running_var, weight, bias, momentum, eps,
-                    process_group=None, num_batches_tracked=None):
+                    process_group=None, num_batches_tracked=None, *, activation=None,
+                    activation_param=None):
     """Training-mode batch norm with statistics over every rank of ``process_group``
-    (default: the world). ``momentum=None`` needs ``num_batches_tracked`` (cumulative
-    average, factor read on the device)."""
+    (default: the world), then ``activation`` in the same kernel (fusedgrad.batch_norm's
+    names). ``momentum=None`` needs ``num_batches_tracked`` (cumulative average, factor read
+    on the device)."""
     validate(input, running_mean, running_var, weight, bias, True, momentum, eps,
              check_batch_size=False)
+    activation, slope = validate_epilogue(input, activation, activation_param, None,
+                                          activations=ACTIVATIONS,
+                                          default_slope=LEAKY_RELU_DEFAULT_SLOPE)
     group = process_group if process_group is not None else dist.group.WORLD
     world_size = dist.get_world_size(group)
     cumulative = momentum is None
@@ -134,7 +145,7 @@ def sync_batch_norm(input, running_mean, running_var, weight, bias, momentum, ep
     return _SyncBatchNormFunction.apply(
         input, weight, bias, running_mean, running_var,
         num_batches_tracked if cumulative else None, 0.0 if cumulative else float(momentum),
-        cumulative, float(eps), group, world_size)
+        cumulative, float(eps), group, world_size, activation, slope)
 
 
 class SyncBatchNorm(torch.nn.SyncBatchNorm):
@@ -154,11 +165,18 @@ class SyncBatchNorm(torch.nn.SyncBatchNorm):
         return group if dist.get_world_size(group) > 1 else None
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return self.norm(input)
+
+    def norm(self, input: torch.Tensor, activation: str | None = None,
+             activation_param: float | None = None) -> torch.Tensor:
+        """This module's batch norm (synchronised while training in a distributed run) with
+        an optional activation fused into the kernel (fusedgrad.batch_norm's names)."""
         self._check_input_dim(input)
         self._check_non_zero_input_channels(input)
         group = self.sync_group()
         if group is None:
-            return module_batch_norm(self, input)
+            return module_batch_norm(self, input, activation, activation_param)
         running_mean, running_var, _, num_batches_tracked = module_state(self)
         return sync_batch_norm(input, running_mean, running_var, self.weight, self.bias,
-                               self.momentum, self.eps, group, num_batches_tracked)
+                               self.momentum, self.eps, group, num_batches_tracked,
+                               activation=activation, activation_param=activation_param)

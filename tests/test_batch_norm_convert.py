@@ -185,6 +185,12 @@ def sync_worker(rank, world_size, build, x, dy):
     """Rank's slice of x through convert_sync_batchnorm(build()) in training mode, two steps;
     returns outputs, input gradients, parameter gradients (local sums) and buffers."""
     model = fg.convert_sync_batchnorm(build())
+    act_calls = {}
+    for name, m in model.named_modules():
+        if name.endswith(".act"):
+            act_calls[name] = 0
+            m.register_forward_hook(
+                lambda m, i, o, _n=name: act_calls.update({_n: act_calls[_n] + 1}))
     n = x.shape[0] // world_size
     outs = []
     for step in range(2):
@@ -195,7 +201,7 @@ def sync_worker(rank, world_size, build, x, dy):
         outs.append(dict(y=y.detach(), dx=xs.grad,
                          grads={k: p.grad for k, p in model.named_parameters()}))
     kinds = sorted({type(m).__name__ for m in model.modules()})
-    return outs, {k: b for k, b in model.named_buffers()}, kinds
+    return outs, {k: b for k, b in model.named_buffers()}, kinds, act_calls
 
 
 def check_sync_matches_one_process(build, x, dy, world_size=2):
@@ -217,7 +223,7 @@ def check_sync_matches_one_process(build, x, dy, world_size=2):
             # Each rank's gradient is the sum over its slice (DDP then averages).
             total = sum(r[0][step]["grads"][name] for r in results)
             assert_close(total, p.grad, torch.float32, f"{what} grad {name}")
-    for _, buffers, _ in results:
+    for _, buffers, _, _ in results:
         for name, b in ref.named_buffers():
             if b.is_floating_point():
                 assert_close(buffers[name], b, torch.float32, name)
@@ -236,3 +242,5 @@ def test_convert_sync_batchnorm_two_ranks_matches_one_process():
     dy = torch.randn(2, 4, 3, 5, 6, generator=gen)
     results = check_sync_matches_one_process(_build_act_net, x, dy)
     assert "SyncBatchNormAct2d" in results[0][2] and "BatchNormAct2d" not in results[0][2]
+    # Synchronised and fused: SiLU and ReLU run inside the kernel, Mish as its module.
+    assert results[0][3] == {"1.act": 0, "6.act": 2, "8.act": 0}
