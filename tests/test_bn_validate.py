@@ -115,3 +115,32 @@ def test_module_argument_errors_name_the_class():
         fg.BatchNorm3d(-1)
     validate_module_args("X", C, 0.0, None)  # eval-only eps = 0 and cumulative momentum
     validate_act_args("X", "silu", {"inplace": False}, nn.Dropout)
+
+
+def test_op_errors_name_the_argument():
+    # Through fusedgrad.batch_norm itself.
+    x = torch.randn(2, 3, 4, device=DEVICE)
+    rm, rv = torch.zeros(3, device=DEVICE), torch.ones(3, device=DEVICE)
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        fg.batch_norm(torch.randn(1, 3, device=DEVICE), rm, rv, training=True)
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        fg.batch_norm(torch.randn(1, 3, 1, 1, device=DEVICE), rm, rv, training=True)
+    with pytest.raises(ValueError, match="running_mean"):
+        fg.batch_norm(x, torch.zeros(4, device=DEVICE), rv, training=True)
+    with pytest.raises(ValueError, match="weight"):
+        fg.batch_norm(x, rm, rv, torch.ones(4, device=DEVICE), training=True)
+    with pytest.raises(ValueError, match="bias"):
+        fg.batch_norm(x, rm, rv, None, torch.ones(2, device=DEVICE), training=True)
+    with pytest.raises(ValueError, match="evaluation mode"):
+        fg.batch_norm(x, None, None, training=False)
+    with pytest.raises(ValueError, match="input"):
+        fg.batch_norm(torch.randn(3, device=DEVICE), rm, rv, training=True)
+    with pytest.raises(TypeError, match="input"):
+        fg.batch_norm(x.long(), rm, rv, training=True)
+    with pytest.raises(ValueError, match="eps"):
+        fg.batch_norm(x, rm, rv, training=True, eps=0.0)
+    with pytest.raises(TypeError, match="momentum"):
+        fg.batch_norm(x, rm, rv, training=True, momentum=None)
+    # One value per channel is fine in eval, as in torch.
+    y = fg.batch_norm(torch.randn(1, 3, device=DEVICE), rm, rv, training=False)
+    assert torch.isfinite(y).all()
