@@ -53,8 +53,11 @@ def _worker(rank, world_size, cases):
     log = []
     _count_collectives(log)
     results = []
-    for sizes, spatial, dtype, memory_format, momentum in cases:
+    for sizes, spatial, dtype, memory_format, momentum, *act in cases:
         x, dy, weight, bias = _global_batch(sizes, spatial, dtype, seed=len(results))
+        # An optional (activation, parameter): fused into the synchronised kernels.
+        norm = (lambda bn, t, _a=tuple(act[0]): bn.norm(t, *_a)) if act else \
+            (lambda bn, t: bn(t))
         start = sum(sizes[:rank])
         xs = x[start:start + sizes[rank]].contiguous(memory_format=memory_format)
         dys = dy[start:start + sizes[rank]]
@@ -69,7 +72,7 @@ def _worker(rank, world_size, cases):
             xs.grad = None
             bn.weight.grad = bn.bias.grad = None
             log.clear()
-            y = bn(xs)
+            y = norm(bn, xs)
             forward_calls = list(log)
             log.clear()
             y.backward(dys)
@@ -79,13 +82,23 @@ def _worker(rank, world_size, cases):
                              stride_ok=y.stride() == xs.stride() or xs.numel() == 0))
         results.append(dict(steps=outs, rm=bn.running_mean.clone(), rv=bn.running_var.clone(),
                             nbt=bn.num_batches_tracked.clone(),
-                            eval_y=bn.eval()(xs.detach()).detach()))
+                            eval_y=norm(bn.eval(), xs.detach()).detach()))
     return results
 
 
+# float64 activations for the reference (fusedgrad.batch_norm's names).
+_REFERENCE_ACT = {
+    "silu": lambda z, _p: F.silu(z),
+    "gelu_tanh": lambda z, _p: F.gelu(z, approximate="tanh"),
+    "leaky_relu": lambda z, p: F.leaky_relu(z, p),
+}
+
+
 def _check(world_results, cases):
-    for case_index, (sizes, spatial, dtype, _fmt, momentum) in enumerate(cases):
+    for case_index, (sizes, spatial, dtype, _fmt, momentum, *act) in enumerate(cases):
         x, dy, weight, bias = _global_batch(sizes, spatial, dtype, seed=case_index)
+        activation = _REFERENCE_ACT[act[0][0]] if act else (lambda z, _p: z)
+        param = act[0][1] if act else None
         # float64 reference: one BatchNorm over the concatenated batch, two steps.
         rm = torch.zeros(C, dtype=torch.float64)
         rv = torch.ones(C, dtype=torch.float64)
@@ -95,7 +108,8 @@ def _check(world_results, cases):
             wr = weight.detach().double().requires_grad_()
             br = bias.detach().double().requires_grad_()
             factor = 1.0 / (step + 1) if momentum is None else momentum
-            yr = F.batch_norm(xr, rm, rv, wr, br, training=True, momentum=factor)
+            yr = activation(F.batch_norm(xr, rm, rv, wr, br, training=True, momentum=factor),
+                            param)
             yr.backward(dy.double())
             per_rank = [r[case_index]["steps"][step] for r in world_results]
             what = f"case {case_index} step {step}"
@@ -113,7 +127,8 @@ def _check(world_results, cases):
             assert_close(r[case_index]["rm"], rm, _param_dtype(dtype), "running_mean")
             assert_close(r[case_index]["rv"], rv, _param_dtype(dtype), "running_var")
             assert int(r[case_index]["nbt"]) == 2
-        eval_ref = F.batch_norm(x.double(), rm, rv, weight.double(), bias.double())
+        eval_ref = activation(F.batch_norm(x.double(), rm, rv, weight.double(), bias.double()),
+                              param)
         assert_close(torch.cat([r[case_index]["eval_y"] for r in world_results]), eval_ref,
                      dtype, "eval y")
 
@@ -125,6 +140,9 @@ def test_two_ranks_uneven_batches():
         ((2, 4), (7,), torch.float32, torch.contiguous_format, None),   # 1-D, cumulative
         ((4, 2), (5, 4), torch.float16, torch.channels_last, 0.1),      # half, NHWC
         ((5, 3), (), torch.bfloat16, torch.contiguous_format, 0.1),     # (N, C), bfloat16
+        # Fused activations in the synchronised path (SyncBatchNormAct2d's), half dtypes.
+        ((3, 2), (3, 4), torch.float16, torch.channels_last, 0.1, ("silu", None)),
+        ((2, 3), (5,), torch.bfloat16, torch.contiguous_format, 0.1, ("gelu_tanh", None)),
     ]
     _check(run_workers(2, _worker, cases), cases)
 
@@ -133,6 +151,8 @@ def test_three_ranks_with_an_empty_rank():
     cases = [
         ((2, 0, 3), (4, 5), torch.float32, torch.channels_last, 0.1),   # rank 1 holds nothing
         ((1, 4, 2), (3, 2, 3), torch.float64, torch.contiguous_format, None),  # 3-D, float64
+        # A fused activation with a parameter while one rank holds nothing.
+        ((3, 0, 2), (2, 3), torch.float32, torch.contiguous_format, None, ("leaky_relu", 0.2)),
     ]
     _check(run_workers(3, _worker, cases), cases)
 
