@@ -5,7 +5,7 @@
     python -m bench.device_probes host     --out F.json     # host us, GPU us, graph replay us
     python -m bench.device_probes big      --out F.json     # > 2^31-element CE and BN vs eager
     python -m bench.device_probes ncu-target --vocab V      # one CE call (for ncu to profile)
-    python -m bench.device_probes render   F.json... --out DIR   # markdown + plots from JSON
+    python -m bench.device_probes render F.json... --out DIR [--combined STEM]  # md + plots
     python -m bench.device_probes summary  DIR              # headline numbers of a run
 
 Every probe catches its own errors into the JSON (a failing case is a record with its
@@ -351,6 +351,18 @@ def render(args) -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.combined:
+        # One table over every pass (e.g. the CE and compile passes side by side).
+        meta, records = report.read_json(Path(args.files[0]))
+        for path in args.files[1:]:
+            records = records + report.read_json(Path(path))[1]
+        from .common import add_speedups
+
+        add_speedups(records)
+        md = report.write_markdown(out / f"{args.combined}.md", meta, records)
+        pngs, why = plots.write_plots(records, out, args.combined, meta.get("copy_gbps"))
+        print(f"wrote {md}" + "".join(f", {p}" for p in pngs) + (f" (plots: {why})" if why else ""))
+        return 0
     for path in args.files:
         meta, records = report.read_json(Path(path))
         stem = Path(path).stem
@@ -422,6 +434,8 @@ def main(argv=None) -> int:
     s = sub.add_parser("render")
     s.add_argument("files", nargs="+")
     s.add_argument("--out", required=True)
+    s.add_argument("--combined", default=None, metavar="STEM",
+                   help="one markdown/plot set over all files' records")
     s = sub.add_parser("summary")
     s.add_argument("folder")
     s.add_argument("--merge", default=None)

@@ -70,3 +70,29 @@ def test_list_shows_the_planned_selection(tmp_path):
     assert "memcheck: bench smoke, then" in text
     for probe in ("correct", "host", "big", "ncu", "2^31"):
         assert probe in text
+
+
+def test_render_and_summary_from_returned_json(tmp_path, capsys):
+    # What a lease returns is turned into markdown (the README's headline table) and the
+    # printed summary offline, from the JSON alone.
+    sys.path.insert(0, str(ROOT))
+    from bench import device_probes, report
+    from bench.synthetic import META, synthetic_records
+
+    records = synthetic_records()
+    half = len(records) // 2
+    report.write_json(tmp_path / "bench-ce.json", META, records[:half])
+    report.write_json(tmp_path / "bench-compile.json", META, records[half:])
+    (tmp_path / "probe-host.json").write_text(
+        '{"probe": "host", "results": [{"name": "host ce", "ok": true, "host_us": 40.0}]}')
+    out = tmp_path / "md"
+    assert device_probes.main(["render", str(tmp_path / "bench-ce.json"),
+                               str(tmp_path / "bench-compile.json"), "--out", str(out),
+                               "--combined", "run"]) == 0
+    md = (out / "run.md").read_text()
+    assert "## Headline" in md
+    assert device_probes.main(["summary", str(tmp_path), "--merge",
+                               str(tmp_path / "probes.json")]) == 0
+    printed = capsys.readouterr().out
+    assert "bench-ce.json" in printed and "host ce" in printed
+    assert '"host_us": 40.0' in (tmp_path / "probes.json").read_text()
