@@ -58,7 +58,7 @@ def plan_count(x: torch.Tensor) -> int:
 
 def _forward_core(x, weight, bias, residual, running_mean, running_var, num_batches_tracked,
                   training, momentum, cumulative, eps, activation, slope, keep_stats):
-    """(y, x as the kernels read it, residual likewise, mean, scale): two launches in
+    """(y, x as the kernels read it, residual likewise, mean, scale, plan): two launches in
     training (statistics with the running update, then the normalise pass), one in eval.
     scale is invstd (training) or the running variance (eval; copied if keep_stats, so that a
     later in-place update of the buffers cannot reach the backward, as in torch)."""
@@ -81,17 +81,19 @@ def _forward_core(x, weight, bias, residual, running_mean, running_var, num_batc
         mean, scale = as_acc(running_mean, acc), as_acc(running_var, acc)
     y = L.apply(xp, plan, mean, scale, not training, as_acc(weight, acc), as_acc(bias, acc),
                 eps, residual=res, activation=activation, slope=slope, reverse=training)
-    return y, xp, res, mean, scale
+    return y, xp, res, mean, scale, plan
 
 
 def _backward_core(grad_y, x, weight, bias, residual, mean, scale, training, eps, activation,
-                   slope, need_dx, need_params, need_dres):
+                   slope, need_dx, need_params, need_dres, plan=None):
     """(dx, dweight, dbias, dresidual); dweight/dbias in acc; None where not asked for.
     One reduction launch (sum g, sum g * x_hat, merged in-kernel; in eval only for the
     parameters' gradients), then one launch for dx and d(residual)."""
     acc = L.acc_dtype(x.dtype)
-    xp = L.prepare_input(x)
-    plan = L.make_plan(xp)
+    if plan is None:  # else x is already what the kernels read, and this is its plan
+        x = L.prepare_input(x)
+        plan = L.make_plan(x)
+    xp = x
     dy = L.match_layout(grad_y, xp)
     res = L.match_layout(residual, xp) if residual is not None else None
     w = as_acc(weight, acc)
@@ -149,22 +151,22 @@ class _BatchNormFunction(torch.autograd.Function):
         # cfg = (training, momentum, cumulative, eps, activation, slope): one argument, so
         # that Function.apply has fewer arguments to inspect.
         training, momentum, cumulative, eps, activation, slope = cfg
-        y, xp, res, mean, scale = _forward_core(
+        y, xp, res, mean, scale, plan = _forward_core(
             x, weight, bias, residual, running_mean, running_var, num_batches_tracked,
             training, momentum, cumulative, eps, activation, slope, keep_stats=True)
         ctx.save_for_backward(xp, weight, bias, res, mean, scale)
-        ctx.cfg = (training, eps, activation, slope)
+        ctx.cfg = (training, eps, activation, slope, plan)
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
         xp, weight, bias, res, mean, scale = ctx.saved_tensors
-        training, eps, activation, slope = ctx.cfg
+        training, eps, activation, slope, plan = ctx.cfg
         need = ctx.needs_input_grad
         need_params = (need[1] and weight is not None) or (need[2] and bias is not None)
         dx, dw, db, dres = _backward_core(grad_y, xp, weight, bias, res, mean, scale, training,
                                           eps, activation, slope, need[0], need_params,
-                                          need[3] and res is not None)
+                                          need[3] and res is not None, plan)
         dw = _grad_as(dw, weight) if (need[1] and weight is not None) else None
         db = _grad_as(db, bias) if (need[2] and bias is not None) else None
         grads = [dx, dw, db, dres]
