@@ -127,9 +127,30 @@ def _bn_calls(torch, fg) -> Iterator[tuple[str, Callable]]:
             yield (f"bn {dtype} cl C={extent}",
                    lambda d=dtype, e=extent: call(d, (2, e, 4, 4), True, None))
         for act in acts:
+            # every fused activation at the widest tile of each layout (the most registers;
+            # an activation adds the same few to every tile): S = 4096 spatial-inner,
+            # C = 128 channel-inner
             yield (f"bn {dtype} act={act}",
-                   lambda d=dtype, a=act: (call(d, (2, 16, 8, 4), False, a),
-                                           call(d, (2, 16, 8, 4), True, a)))
+                   lambda d=dtype, a=act: (call(d, (2, 16, 4096, 1), False, a),
+                                           call(d, (2, 128, 4, 4), True, a)))
+
+    def sync_call(dtype):
+        import torch.distributed as dist
+
+        if not dist.is_available() or not dist.is_initialized():
+            return
+        import importlib
+
+        # the function, not the module: like torch's, a world of one takes the local path
+        sync = importlib.import_module("fusedgrad.sync_batch_norm").sync_batch_norm
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        x = torch.randn(2, 16, 4, 4).to(dtype).requires_grad_(True)
+        w = torch.rand(16, dtype=acc).requires_grad_(True)
+        sync(x, torch.zeros(16, dtype=acc), torch.ones(16, dtype=acc), w,
+             torch.zeros(16, dtype=acc), 0.1, 1e-5).sum().backward()
+
+    for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        yield f"sync bn {dtype}", lambda d=dtype: sync_call(d)
 
 
 def _lce_calls(torch, fg) -> Iterator[tuple[str, Callable]]:
