@@ -212,7 +212,7 @@ t_par=$(date +%s)
 (
     t=$(date +%s)
     timeout -k 10 "$lane" "$PY" -m pytest -q -n "${PYTEST_WORKERS:-6}" -p no:cacheprovider \
-        "${TIMEOUT_ARGS[@]}" -rfE --durations=10 tests/ > "$OUTDIR/tests.log" 2>&1
+        ${TIMEOUT_ARGS[@]+"${TIMEOUT_ARGS[@]}"} -rfE --durations=10 tests/ > "$OUTDIR/tests.log" 2>&1
     echo "$? $(( $(date +%s) - t ))" > "$WORK/tests.rc"
 ) &
 tests_pid=$!

@@ -367,7 +367,7 @@ def test_vocab_parallel_no_host_sync(world_of_one, case):
 # ----------------------------------------------------------------------------- BatchNorm
 
 @pytest.mark.parametrize("case", ["train", "eval", "train_channels_last_half",
-                                  "module_cumulative"])
+                                  "module_cumulative", "train_silu_residual"])
 def test_batch_norm_no_host_sync(case):
     dtype = torch.float16 if case.endswith("half") else torch.float32
     x = torch.randn(3, 4, 5, 2).to(dtype)
@@ -383,8 +383,12 @@ def test_batch_norm_no_host_sync(case):
     w = torch.randn(4, requires_grad=True)
     b = torch.randn(4, requires_grad=True)
     training = case != "eval"
-    run_watched(lambda: fg.batch_norm(x, rm, rv, w, b, training=training).backward(dy),
-                x, dy, rm, rv, w, b)
+    epilogue = {}
+    if case == "train_silu_residual":  # the fused epilogue act(bn(x) + residual)
+        epilogue = dict(activation="silu", residual=torch.randn(x.shape).to(dtype))
+    run_watched(lambda: fg.batch_norm(x, rm, rv, w, b, training=training,
+                                      **epilogue).backward(dy),
+                x, dy, rm, rv, w, b, epilogue.get("residual"))
     assert torch.isfinite(x.grad).all()
 
 
