@@ -53,7 +53,11 @@ def _ce_calls(torch, fg) -> Iterator[tuple[str, Callable]]:
                     fg.cross_entropy(x, t).backward()
                     # reduction="none": a per-row grad_output for the rescale kernel
                     fg.cross_entropy(x, t, reduction="none").backward(torch.rand(2).to(dtype))
+                    # class weights and label smoothing, alone and together (kernels
+                    # may specialise on each)
                     w = torch.rand(vocab)
+                    fg.cross_entropy(x.detach(), t, weight=w)
+                    fg.cross_entropy(x.detach(), t, label_smoothing=0.1)
                     fg.cross_entropy(x.detach(), t, weight=w, label_smoothing=0.1,
                                      z_loss=1e-4, softcap=30.0)
                 yield f"ce {dtype} V={vocab} prob={prob}", call
