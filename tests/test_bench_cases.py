@@ -90,11 +90,14 @@ def test_cross_entropy_bytes(vocab):
     # fusedgrad's own model is the launcher's plan (tests/test_bench_plan_ce.py checks the
     # plan against what the launcher really launches).
     plan = plan_ce.launcher_plan(n, vocab, "bf16", "fwd+bwd")
-    per_logit = {"single": 2, "split": 2, "two_pass": 3}[plan.path]
+    assert plan.bytes_per_logit_fwd_bwd == {"single": 2, "split": 2, "two_pass": 3}[plan.path]
     rows = 2 * n * plan_ce.TARGET_BYTES + 3 * n * plan_ce.LOSS_BYTES
     assert cross_entropy.fused_kernel_bytes(n, vocab, "bf16", "fwd+bwd") == \
-        per_logit * logits + rows
-    assert cross_entropy.fused_kernel_bytes(n, vocab, "bf16", "fwd") == logits + rows
+        plan.hbm_bytes(e) + rows
+    assert plan.hbm_bytes(e) >= plan.bytes_per_logit_fwd_bwd * logits  # + kernel scratch
+    fwd = plan_ce.launcher_plan(n, vocab, "bf16", "fwd")
+    assert fwd.bytes_per_logit_fwd_bwd == 1
+    assert cross_entropy.fused_kernel_bytes(n, vocab, "bf16", "fwd") == fwd.hbm_bytes(e) + rows
 
 
 def test_batch_norm_bytes():
