@@ -33,10 +33,16 @@ from .kernels import batch_norm as bn_kernels
 # thread per operand), enough bytes in flight per SM while the accumulators stay in registers.
 TILE_ELEMS = 2048
 NUM_WARPS = 4
+# No software pipelining of the reduction loops: Triton's default (3 stages) keeps more tiles
+# in registers; the loops do not need it (4 resident programs x 4 warps x 64 B per thread in
+# flight), and the elementwise passes have no loop.
+NUM_STAGES = 1
 # Spatial-inner (NCHW-like) tiles, chosen by the spatial size S: (BLOCK_C, BLOCK_S).
 S_INNER_TILES = ((32, 64), (8, 256), (2, 1024), (1, 2048))
 # Channel-inner (channels_last-like) tiles, chosen by the channel count C: (BLOCK_C, BLOCK_S).
-C_INNER_TILES = ((4, 512), (16, 128), (32, 64), (64, 32), (128, 16))
+# Widest: 64 channels (a 128x16 tile spilled the statistics kernel's per-lane accumulators
+# on sm_80 in fp32; rows of 64 channels are still 128-256 contiguous bytes).
+C_INNER_TILES = ((4, 512), (16, 128), (32, 64), (64, 32))
 # float64 is the gradcheck/correctness path: one tile per orientation keeps the compile list
 # short; 1024 elements (2048 spill in the fp64 reductions; the shapes are those ptxas
 # compiles spill-free, see test_static_compile_sm90).
@@ -340,7 +346,7 @@ def device_guard(x: torch.Tensor):
 
 def _meta(plan: Plan) -> dict:
     return dict(BLOCK_C=plan.block_c, BLOCK_S=plan.block_s, num_warps=NUM_WARPS,
-                enable_fp_fusion=FP_FUSION)
+                num_stages=NUM_STAGES, enable_fp_fusion=FP_FUSION)
 
 
 def stats(x: torch.Tensor, plan: Plan, eps: float, running_mean=None, running_var=None,
@@ -619,7 +625,7 @@ def _tiled_config(name, fn, sig, dtype, orientation, unit, block_c, block_s, con
         name=f"bn_{name}[{_TL[dtype]},{orientation},{block_c}x{block_s}{tag}]",
         fn=fn, signature=sig,
         constexprs={unit: 1, "BLOCK_C": block_c, "BLOCK_S": block_s, **constexprs},
-        num_warps=NUM_WARPS, aligned=aligned)
+        num_warps=NUM_WARPS, num_stages=NUM_STAGES, aligned=aligned)
 
 
 def static_configs():
