@@ -78,9 +78,17 @@ def _scalar(hi, lo, IS_FP64: tl.constexpr):
 
 
 @triton.jit
-def _load_logits(row_ptr, cols, mask, class_stride, softcap, has_softcap, IS_FP64: tl.constexpr):
-    """Load one chunk of a row, upcast, soft-cap; padded lanes are -inf (after the cap)."""
-    z = tl.load(row_ptr + cols * class_stride, mask=mask, other=0.0)
+def _load_logits(row_ptr, cols, mask, class_stride, softcap, has_softcap, IS_FP64: tl.constexpr,
+                 EVICT: tl.constexpr = ""):
+    """Load one chunk of a row, upcast, soft-cap; padded lanes are -inf (after the cap).
+    EVICT: L2 eviction hint ("evict_last" keeps lines a second pass re-reads)."""
+    z = tl.load(row_ptr + cols * class_stride, mask=mask, other=0.0, eviction_policy=EVICT)
+    return _upcast_logits(z, mask, softcap, has_softcap, IS_FP64)
+
+
+@triton.jit
+def _upcast_logits(z, mask, softcap, has_softcap, IS_FP64: tl.constexpr):
+    """Logits as loaded -> accumulation dtype, soft-capped; padded lanes -inf."""
     if IS_FP64:
         z = z.to(tl.float64)
     else:
@@ -158,10 +166,10 @@ def _merge_linear(lin_a, v_a, d_a, lin_b, v_b, d_b):
 @triton.jit
 def _load_chunk(row_logits, row_target, weight_ptr, c, mask, class_stride, target_class_stride,
                 softcap, has_softcap, has_weight, keep, add, IS_FP64: tl.constexpr,
-                PROB_TARGET: tl.constexpr):
+                PROB_TARGET: tl.constexpr, EVICT: tl.constexpr = ""):
     """(z, w, v) of one chunk: capped logits, weights, and the weights the linear sum
     uses (w for class indices, w y' for probabilities)."""
-    z = _load_logits(row_logits, c, mask, class_stride, softcap, has_softcap, IS_FP64)
+    z = _load_logits(row_logits, c, mask, class_stride, softcap, has_softcap, IS_FP64, EVICT)
     w = _load_weights(weight_ptr, c, mask, has_weight, IS_FP64)
     if PROB_TARGET:
         y = _load_target_probs(row_target, c, mask, target_class_stride, keep, add, IS_FP64)
@@ -175,7 +183,7 @@ def _load_chunk(row_logits, row_target, weight_ptr, c, mask, class_stride, targe
 def _row_stats_pass(row_logits, row_target, weight_ptr, lo, hi, cols, class_stride,
                     target_class_stride, softcap, has_softcap, has_weight, keep, add, acc_ty,
                     IS_FP64: tl.constexpr, PROB_TARGET: tl.constexpr, HAS_LINEAR: tl.constexpr,
-                    BLOCK_V: tl.constexpr):
+                    BLOCK_V: tl.constexpr, EVICT: tl.constexpr = ""):
     """Streaming statistics of classes [lo, hi) of one row, one read of the logits (and
     of y for probabilities): (m, s, lin_w, w_sum, lin_v, v_sum) with
     lin_w = sum w (z - ref(m)), w_sum = sum w      (zeros unless HAS_LINEAR),
@@ -192,7 +200,7 @@ def _row_stats_pass(row_logits, row_target, weight_ptr, lo, hi, cols, class_stri
         mask = c < hi
         z, w, v = _load_chunk(row_logits, row_target, weight_ptr, c, mask, class_stride,
                               target_class_stride, softcap, has_softcap, has_weight, keep, add,
-                              IS_FP64, PROB_TARGET)
+                              IS_FP64, PROB_TARGET, EVICT)
         cm, cs, zs = _chunk_max_sum(z)
         m, s, d_a, d_b = _merge_max_sum(m, s, cm, cs)
         if HAS_LINEAR:
@@ -230,19 +238,27 @@ def _grad_chunk(z, mask, cols, m, log_s, coef_a, coef_t, coef_smooth, target_col
 def _row_grad_pass(row_logits, row_grad, row_target, weight_ptr, lo, hi, cols, class_stride,
                    grad_class_stride, target_class_stride, softcap, has_softcap, has_weight,
                    keep, add, m, log_s, coef_a, coef_t, coef_smooth, target_col, scale,
-                   IS_FP64: tl.constexpr, PROB_TARGET: tl.constexpr, BLOCK_V: tl.constexpr):
+                   IS_FP64: tl.constexpr, PROB_TARGET: tl.constexpr, BLOCK_V: tl.constexpr,
+                   REVERSE: tl.constexpr = False, EVICT: tl.constexpr = ""):
     """Write the gradient of classes [lo, hi) of one row: 1 read + 1 write per logit.
-    Shared by the fused two-pass path and the vocab-parallel gradient kernel."""
+    REVERSE walks the chunks last to first: right after a statistics pass the row's
+    tail is what L2 still holds. Shared by the fused two-pass path and the
+    vocab-parallel gradient kernel."""
     out_ty = row_grad.dtype.element_ty
-    for start in range(lo, hi, BLOCK_V):
+    n_iter = tl.cdiv(hi - lo, BLOCK_V)
+    for i in range(0, n_iter):
+        if REVERSE:
+            start = lo + (n_iter - 1 - i) * BLOCK_V
+        else:
+            start = lo + i * BLOCK_V
         c = start + cols
         mask = c < hi
         z, w, v = _load_chunk(row_logits, row_target, weight_ptr, c, mask, class_stride,
                               target_class_stride, softcap, has_softcap, has_weight, keep, add,
-                              IS_FP64, PROB_TARGET)
+                              IS_FP64, PROB_TARGET, EVICT)
         g = _grad_chunk(z, mask, c, m, log_s, coef_a, coef_t, coef_smooth, target_col, w, v,
                         scale, softcap, has_softcap, PROB_TARGET)
-        tl.store(row_grad + c * grad_class_stride, g.to(out_ty), mask=mask)
+        tl.store(row_grad + c * grad_class_stride, g.to(out_ty), mask=mask, eviction_policy=EVICT)
 
 
 @triton.jit
@@ -276,7 +292,7 @@ def _row_loss(m, s, lin, vsum, z_t, w_t, ignored, in_range, weight_total, label_
 @triton.jit(do_not_specialize=["has_weight", "has_softcap", "write_grad", "ignore_index"])
 def cross_entropy_fwd_bwd_kernel(
     logits_ptr, grad_ptr, target_ptr, weight_ptr, loss_ptr, lse_ptr, reduce_ptr,
-    n_classes, n_inner,
+    n_rows, n_classes, n_inner,
     logit_stride_outer, logit_stride_inner, logit_stride_class,
     grad_stride_outer, grad_stride_inner, grad_stride_class,
     target_stride_outer, target_stride_inner, target_stride_class,
@@ -285,7 +301,9 @@ def cross_entropy_fwd_bwd_kernel(
     PROB_TARGET: tl.constexpr, IS_FP64: tl.constexpr, LARGE_OFFSETS: tl.constexpr,
     BLOCK_V: tl.constexpr, SINGLE_BLOCK: tl.constexpr,
 ):
-    """Per-row loss, logsumexp and (optionally) the gradient, one program per row.
+    """Per-row loss, logsumexp and (optionally) the gradient; a persistent grid: program
+    p handles rows p, p + G, ... (G = n_rows for single blocks; for the two-pass path at
+    most what the GPU holds at once, so a row's lines are still in L2 for pass 2).
 
     Pointers (n_rows = n_outer * n_inner rows of n_classes logits):
       logits_ptr  (n_outer, n_inner, n_classes) any float dtype, strides
@@ -317,10 +335,6 @@ def cross_entropy_fwd_bwd_kernel(
     logsumexp pass, one gradient pass. Probability targets add 1 read of y per
     logit per pass. Per row: a few scalars.
     """
-    row, outer, inner = _row_coords(n_inner)
-    row_logits = logits_ptr + outer * logit_stride_outer + inner * logit_stride_inner
-    row_grad = grad_ptr + outer * grad_stride_outer + inner * grad_stride_inner
-    row_target = target_ptr + outer * target_stride_outer + inner * target_stride_inner
     if IS_FP64:
         acc_ty = tl.float64
     else:
@@ -329,90 +343,334 @@ def cross_entropy_fwd_bwd_kernel(
     z_loss = _scalar(z_loss_hi, z_loss_lo, IS_FP64)
     softcap = _scalar(softcap_hi, softcap_lo, IS_FP64)
     weight_total = tl.load(reduce_ptr + 1).to(acc_ty)
+    # Persistent over rows: one row per program for single blocks (grid = n_rows), a grid
+    # the GPU holds at once for the two-pass path (its rows stay in L2 between passes).
+    for row in range(tl.program_id(0), n_rows, tl.num_programs(0)):
+        outer, inner = _coords_of(row, n_inner)
+        row_logits = logits_ptr + outer * logit_stride_outer + inner * logit_stride_inner
+        row_grad = grad_ptr + outer * grad_stride_outer + inner * grad_stride_inner
+        row_target = target_ptr + outer * target_stride_outer + inner * target_stride_inner
 
-    # Class-index target: validity, its weight and its (capped) logit, by scalar loads.
-    # A target outside [0, n_classes) is never used as an address.
+        # Class-index target: validity, its weight and its (capped) logit, by scalar loads.
+        # A target outside [0, n_classes) is never used as an address.
+        if PROB_TARGET:
+            target_col = 0
+            safe_col = 0
+        else:
+            target_col = tl.load(row_target).to(tl.int64)
+            ignored = target_col == ignore_index
+            in_range = (target_col >= 0) & (target_col < n_classes)
+            safe_col = tl.where(in_range, target_col, 0)
+
+        cols = tl.arange(0, BLOCK_V)
+        if LARGE_OFFSETS:
+            cols = cols.to(tl.int64)
+        keep = 1.0 - label_smoothing
+        add = label_smoothing / n_classes
+        if SINGLE_BLOCK:
+            mask = cols < n_classes
+            z, w, v = _load_chunk(row_logits, row_target, weight_ptr, cols, mask,
+                                  logit_stride_class, target_stride_class, softcap, has_softcap,
+                                  has_weight, keep, add, IS_FP64, PROB_TARGET)
+            m, s, zs = _chunk_max_sum(z)
+            lin = tl.sum(tl.where(mask, v * zs, 0.0), axis=0)
+            if PROB_TARGET:
+                vsum = tl.sum(v, axis=0)
+            else:
+                vsum = weight_total  # unused: the class-index loss takes W from reduce_ptr
+                z_t = tl.sum(tl.where(cols == safe_col, z, 0.0), axis=0)
+        else:
+            # Pass 1: streaming statistics (one read; evict_last keeps the lines in L2
+            # for pass 2).
+            m, s, lin, _, lin_v, v_sum = _row_stats_pass(
+                row_logits, row_target, weight_ptr, 0, n_classes, cols, logit_stride_class,
+                target_stride_class, softcap, has_softcap, has_weight, keep, add, acc_ty,
+                IS_FP64, PROB_TARGET, not PROB_TARGET, BLOCK_V, "evict_last")
+            if PROB_TARGET:
+                lin = lin_v
+                vsum = v_sum
+            else:
+                vsum = weight_total  # unused: the class-index loss takes W from reduce_ptr
+            if not PROB_TARGET:
+                z_t = _load_logits(row_logits, safe_col, in_range, logit_stride_class, softcap,
+                                   has_softcap, IS_FP64)
+
+        if PROB_TARGET:
+            z_t = m
+            w_t = 1.0
+            ignored = False
+            in_range = True
+        else:
+            w_t = tl.load(weight_ptr + safe_col, mask=mask_if(in_range, has_weight), other=1.0)
+            w_t = w_t.to(acc_ty)
+        loss, lse, log_s, coef_a, coef_t, coef_smooth = _row_loss(
+            m, s, lin, vsum, z_t, w_t, ignored, in_range, weight_total, label_smoothing, z_loss,
+            n_classes, PROB_TARGET)
+        tl.store(loss_ptr + row, loss)
+        tl.store(lse_ptr + row, lse)
+
+        if write_grad != 0:
+            scale = tl.load(reduce_ptr).to(acc_ty)
+            if not PROB_TARGET:
+                # Ignored rows get an exact 0 (not 0 * scale, which is NaN when the mean's
+                # divisor is 0); rows with a bad target get NaN.
+                scale = tl.where(ignored, 0.0, tl.where(in_range, scale, float("nan")))
+            out_ty = grad_ptr.dtype.element_ty
+            if SINGLE_BLOCK:
+                # Reload the (cached, C-element) weights rather than keep them live across
+                # the reductions: registers go to the row of logits.
+                w = _load_weights(weight_ptr, cols, mask, has_weight, IS_FP64)
+                g = _grad_chunk(z, mask, cols, m, log_s, coef_a, coef_t, coef_smooth,
+                                target_col, w, v, scale, softcap, has_softcap, PROB_TARGET)
+                tl.store(row_grad + cols * grad_stride_class, g.to(out_ty), mask=mask)
+            else:
+                # Pass 2: re-read the row last chunk first (what L2 still holds) and
+                # write the gradient; evict_first: these lines are not needed again.
+                _row_grad_pass(row_logits, row_grad, row_target, weight_ptr, 0, n_classes,
+                               cols, logit_stride_class, grad_stride_class,
+                               target_stride_class, softcap, has_softcap, has_weight, keep, add,
+                               m, log_s, coef_a, coef_t, coef_smooth, target_col, scale, IS_FP64,
+                               PROB_TARGET, BLOCK_V, True, "evict_first")
+
+
+@triton.jit
+def _coords_of(row, n_inner):
+    """(outer, inner) of a row index, int64 for address arithmetic (32-bit division)."""
+    return tl.cast(row // n_inner, tl.int64), tl.cast(row % n_inner, tl.int64)
+
+
+@triton.jit
+def _chunk_partial(z, mask, w, v, PROB_TARGET: tl.constexpr, HAS_SMOOTHING: tl.constexpr):
+    """(m, s, lin, vsum) of one chunk: the partial a split-row member publishes.
+
+    lin, vsum = sum v (z - ref(m)), sum v with v = w y' (probabilities) or w (class index
+    with smoothing); zeros otherwise (the reductions vanish at compile time)."""
+    m, s, zs = _chunk_max_sum(z)
     if PROB_TARGET:
-        target_col = 0
-        safe_col = 0
+        lin, vsum = _chunk_linear(zs, mask, v)
+    elif HAS_SMOOTHING:
+        lin, vsum = _chunk_linear(zs, mask, w)
     else:
-        target_col = tl.load(row_target).to(tl.int64)
-        ignored = target_col == ignore_index
-        in_range = (target_col >= 0) & (target_col < n_classes)
-        safe_col = tl.where(in_range, target_col, 0)
+        lin = tl.zeros_like(s)
+        vsum = tl.zeros_like(s)
+    return m, s, lin, vsum
 
-    cols = tl.arange(0, BLOCK_V)
-    if LARGE_OFFSETS:
-        cols = cols.to(tl.int64)
+
+@triton.jit
+def _combine_partials(m_a, s_a, lin_a, v_a, m_b, s_b, lin_b, v_b):
+    """tl.reduce combine of (m, s, lin, vsum) partials (identity: -inf, 0, 0, 0)."""
+    m, s, d_a, d_b = _merge_max_sum(m_a, s_a, m_b, s_b)
+    lin, v = _merge_linear(lin_a, v_a, d_a, lin_b, v_b, d_b)
+    return m, s, lin, v
+
+
+@triton.jit(do_not_specialize=["has_softcap", "write_grad", "ignore_index", "max_spin"])
+def cross_entropy_split_kernel(
+    logits_ptr, grad_ptr, target_ptr, weight_ptr, loss_ptr, lse_ptr, reduce_ptr,
+    partial_ptr, sync_ptr,
+    n_rows, n_classes, n_inner, n_chunks,
+    logit_stride_outer, logit_stride_inner, logit_stride_class,
+    grad_stride_outer, grad_stride_inner, grad_stride_class,
+    target_stride_outer, target_stride_inner, target_stride_class,
+    ignore_index, smoothing_hi, smoothing_lo, z_loss_hi, z_loss_lo, softcap_hi, softcap_lo,
+    has_softcap, write_grad, max_spin,
+    PROB_TARGET: tl.constexpr, IS_FP64: tl.constexpr, LARGE_OFFSETS: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, CHUNK: tl.constexpr,
+    MAX_CHUNKS: tl.constexpr,
+):
+    """Loss and gradient with each row split over n_chunks co-resident programs: one read
+    and one write per logit for rows far longer than one program can hold.
+
+    Grid: (n_groups * n_chunks,), at most what the GPU holds at once (the launcher sizes
+    it from the compiled kernel's occupancy and launches it cooperatively where it can).
+    Program p is member k = p % n_chunks of group p // n_chunks; a group handles rows
+    group, group + n_groups, ... Member k of a row loads classes [k CHUNK, (k+1) CHUNK)
+    once, keeps them in registers, publishes its partial (m, s, lin, vsum), gathers all
+    n_chunks partials of the row as vectors (one round trip for the flags, one for the
+    values), merges them in a fixed tree over the member index (every member and every
+    rerun gets bitwise the same row statistics), and writes its chunk's gradient from
+    the registers.
+
+    Waiting is bounded: a member spins at most max_spin rounds per row on its partners'
+    flags; a partial still missing then is recomputed from global memory with the same
+    code the partner runs (bitwise the same value), so the kernel cannot deadlock even if
+    a group is not co-resident, and under the interpreter (programs run one after
+    another) early members take the fallback and later ones the exchange.
+
+    Pointers as in cross_entropy_fwd_bwd_kernel (logits, grad, target, weight, loss, lse,
+    reduce; weight read only if HAS_WEIGHT), plus:
+      partial_ptr (n_rows, n_chunks, 4) fp32/fp64 scratch, contiguous: published partials.
+      sync_ptr    int32, zero before the launch and zero again after it: flags
+                  (n_rows, n_chunks) at offset 0 (1 = member published) and per-row done
+                  counters (n_rows,) at offset n_rows * n_chunks. The last member of a
+                  row to finish resets that row's flags and counter, so no memset launch
+                  is needed between calls (and CUDA-graph replays stay correct).
+    Scalars as in cross_entropy_fwd_bwd_kernel; max_spin bounds the waiting.
+    Constexprs: PROB_TARGET, IS_FP64, LARGE_OFFSETS (int64 class offsets), HAS_WEIGHT,
+      HAS_SMOOTHING (class index with eps != 0: the smoothing sums), CHUNK (classes per
+      member, power of 2; n_chunks = cdiv(n_classes, CHUNK)), MAX_CHUNKS (power of 2
+      >= n_chunks: the width of the partial vectors).
+
+    Bytes per logit: 1 read + 1 write (1 read without write_grad; probabilities add one
+    read of y). Per row: n_chunks^2 partials of 4 values (L2-resident) and 2 scalars.
+    """
+    pid = tl.program_id(0)
+    member = pid % n_chunks
+    group = pid // n_chunks
+    n_groups = tl.num_programs(0) // n_chunks
+    if IS_FP64:
+        acc_ty = tl.float64
+    else:
+        acc_ty = tl.float32
+    label_smoothing = _scalar(smoothing_hi, smoothing_lo, IS_FP64)
+    z_loss = _scalar(z_loss_hi, z_loss_lo, IS_FP64)
+    softcap = _scalar(softcap_hi, softcap_lo, IS_FP64)
+    weight_total = tl.load(reduce_ptr + 1).to(acc_ty)
+    scale_all = tl.load(reduce_ptr).to(acc_ty)
     keep = 1.0 - label_smoothing
     add = label_smoothing / n_classes
-    if SINGLE_BLOCK:
-        mask = cols < n_classes
-        z, w, v = _load_chunk(row_logits, row_target, weight_ptr, cols, mask, logit_stride_class,
-                              target_stride_class, softcap, has_softcap, has_weight, keep, add,
-                              IS_FP64, PROB_TARGET)
-        m, s, zs = _chunk_max_sum(z)
-        lin = tl.sum(tl.where(mask, v * zs, 0.0), axis=0)
+    cols = tl.arange(0, CHUNK)
+    if LARGE_OFFSETS:
+        cols = cols.to(tl.int64)
+    my_cols = member * CHUNK + cols
+    my_mask = my_cols < n_classes
+    flags = sync_ptr
+    done = sync_ptr + n_rows * n_chunks
+    # The shared loaders take a runtime flag; a constant one folds away at compile time.
+    has_weight = tl.full((), HAS_WEIGHT, tl.int32)
+    kidx = tl.arange(0, MAX_CHUNKS)
+    kmask = kidx < n_chunks
+    out_ty = grad_ptr.dtype.element_ty
+
+    for row in range(group, n_rows, n_groups):
+        row64 = tl.cast(row, tl.int64)
+        outer, inner = _coords_of(row, n_inner)
+        row_logits = logits_ptr + outer * logit_stride_outer + inner * logit_stride_inner
+        row_grad = grad_ptr + outer * grad_stride_outer + inner * grad_stride_inner
+        row_target = target_ptr + outer * target_stride_outer + inner * target_stride_inner
+        # The one read of this member's chunk; z (and v = w y' for probabilities) stay
+        # in registers until the gradient is written.
+        # Kept as loaded (16-bit logits stay packed, two per register) and upcast
+        # (and soft-capped) again for the gradient: registers are the occupancy limit.
+        z_raw = tl.load(row_logits + my_cols * logit_stride_class, mask=my_mask, other=0.0)
+        z = _upcast_logits(z_raw, my_mask, softcap, has_softcap, IS_FP64)
+        w = _load_weights(weight_ptr, my_cols, my_mask, has_weight, IS_FP64)
         if PROB_TARGET:
-            vsum = tl.sum(v, axis=0)
+            y = _load_target_probs(row_target, my_cols, my_mask, target_stride_class, keep, add,
+                                   IS_FP64)
+            v = w * y
         else:
-            vsum = weight_total  # unused: the class-index loss takes W from reduce_ptr
-            z_t = tl.sum(tl.where(cols == safe_col, z, 0.0), axis=0)
-    else:
-        # Pass 1: streaming statistics (one read).
-        m, s, lin, _, lin_v, v_sum = _row_stats_pass(
-            row_logits, row_target, weight_ptr, 0, n_classes, cols, logit_stride_class,
-            target_stride_class, softcap, has_softcap, has_weight, keep, add, acc_ty,
-            IS_FP64, PROB_TARGET, not PROB_TARGET, BLOCK_V)
+            v = w
+        pm, ps, plin, pv = _chunk_partial(z, my_mask, w, v, PROB_TARGET, HAS_SMOOTHING)
+        slot = partial_ptr + (row64 * n_chunks + member) * 4
+        tl.store(slot, pm)
+        tl.store(slot + 1, ps)
+        tl.store(slot + 2, plin)
+        tl.store(slot + 3, pv)
+        # Every thread's stores precede the flag (the release below is cumulative).
+        tl.debug_barrier()
+        row_flags = flags + row64 * n_chunks
+        # Integer atomic, release: publishes this member's partial to its partners.
+        tl.atomic_xchg(row_flags + member, 1, sem="release", scope="gpu")
+
+        # Gather the row's partials as vectors over the members: one round trip for all
+        # flags (integer atomic reads, add 0, acquire: pairs with each partner's
+        # release), a bounded spin while some are missing, one vector load.
+        flag_ptrs = row_flags + kidx
+        ready = tl.atomic_add(flag_ptrs, 0, mask=kmask, sem="acquire", scope="gpu")
+        ready = tl.where(kmask, ready, 1)
+        spins = 0
+        while (tl.min(ready, axis=0) == 0) & (spins < max_spin):
+            ready = tl.atomic_add(flag_ptrs, 0, mask=kmask, sem="acquire", scope="gpu")
+            ready = tl.where(kmask, ready, 1)
+            spins += 1
+        got = kmask & (ready != 0)
+        # L2 only (.cg): the partners wrote them from other SMs.
+        slots = partial_ptr + (row64 * n_chunks + kidx) * 4
+        vm = tl.load(slots, mask=got, other=-float("inf"), cache_modifier=".cg")
+        vs = tl.load(slots + 1, mask=got, other=0.0, cache_modifier=".cg")
+        vlin = tl.load(slots + 2, mask=got, other=0.0, cache_modifier=".cg")
+        vv = tl.load(slots + 3, mask=got, other=0.0, cache_modifier=".cg")
+        if tl.min(ready, axis=0) == 0:
+            # Fallback: recompute each missing partial from global memory with the
+            # partner's own code (same chunk width, same reductions: the same bits).
+            for j in range(0, n_chunks):
+                if tl.sum(tl.where(kidx == j, ready, 0), axis=0) == 0:
+                    jc = my_cols + (j - member) * CHUNK  # (one column vector stays live)
+                    jmask = jc < n_classes
+                    jz, jw, jvv = _load_chunk(row_logits, row_target, weight_ptr, jc, jmask,
+                                              logit_stride_class, target_stride_class, softcap,
+                                              has_softcap, has_weight, keep, add, IS_FP64,
+                                              PROB_TARGET)
+                    jm, js, jlin, jv = _chunk_partial(jz, jmask, jw, jvv, PROB_TARGET,
+                                                      HAS_SMOOTHING)
+                    vm = tl.where(kidx == j, jm, vm)
+                    vs = tl.where(kidx == j, js, vs)
+                    vlin = tl.where(kidx == j, jlin, vlin)
+                    vv = tl.where(kidx == j, jv, vv)
+            # This rare path reads its own chunk again: keeping it live through the
+            # recomputation would spill (the offline compile shows it).
+            z_raw = tl.load(row_logits + my_cols * logit_stride_class, mask=my_mask, other=0.0)
+            if PROB_TARGET:
+                w = _load_weights(weight_ptr, my_cols, my_mask, has_weight, IS_FP64)
+                v = w * _load_target_probs(row_target, my_cols, my_mask, target_stride_class,
+                                           keep, add, IS_FP64)
+        # Integer atomic: counts the members done with this row's flags and partials;
+        # the last one resets them for the next launch (no memset launch).
+        n_done = tl.atomic_add(done + row, 1, sem="acq_rel", scope="gpu")
+        if n_done == n_chunks - 1:
+            # Integer atomics: clear the flags (nobody reads them any more in this
+            # launch) and re-arm the counter.
+            tl.atomic_xchg(flag_ptrs, 0, mask=kmask, sem="relaxed", scope="gpu")
+            tl.atomic_xchg(done + row, 0, sem="relaxed", scope="gpu")
+        # Merge in a fixed tree over the member index: every member of the row (and
+        # every rerun) combines the same values in the same order.
+        m, s, lin, vsum = tl.reduce((vm, vs, vlin, vv), 0, _combine_partials)
+
         if PROB_TARGET:
-            lin = lin_v
-            vsum = v_sum
+            target_col = 0
+            z_t = m
+            w_t = 1.0
+            ignored = False
+            in_range = True
+            lin_row = lin
+            vsum_row = vsum
         else:
-            vsum = weight_total  # unused: the class-index loss takes W from reduce_ptr
-        if not PROB_TARGET:
+            target_col = tl.load(row_target).to(tl.int64)
+            ignored = target_col == ignore_index
+            in_range = (target_col >= 0) & (target_col < n_classes)
+            safe_col = tl.where(in_range, target_col, 0)
             z_t = _load_logits(row_logits, safe_col, in_range, logit_stride_class, softcap,
                                has_softcap, IS_FP64)
-
-    if PROB_TARGET:
-        z_t = m
-        w_t = 1.0
-        ignored = False
-        in_range = True
-    else:
-        w_t = tl.load(weight_ptr + safe_col, mask=mask_if(in_range, has_weight), other=1.0)
-        w_t = w_t.to(acc_ty)
-    loss, lse, log_s, coef_a, coef_t, coef_smooth = _row_loss(
-        m, s, lin, vsum, z_t, w_t, ignored, in_range, weight_total, label_smoothing, z_loss,
-        n_classes, PROB_TARGET)
-    tl.store(loss_ptr + row, loss)
-    tl.store(lse_ptr + row, lse)
-
-    if write_grad != 0:
-        scale = tl.load(reduce_ptr).to(acc_ty)
-        if not PROB_TARGET:
-            # Ignored rows get an exact 0 (not 0 * scale, which is NaN when the mean's
-            # divisor is 0); rows with a bad target get NaN.
-            scale = tl.where(ignored, 0.0, tl.where(in_range, scale, float("nan")))
-        out_ty = grad_ptr.dtype.element_ty
-        if SINGLE_BLOCK:
-            # Reload the (cached, C-element) weights rather than keep them live across
-            # the reductions: registers go to the row of logits.
-            w = _load_weights(weight_ptr, cols, mask, has_weight, IS_FP64)
-            g = _grad_chunk(z, mask, cols, m, log_s, coef_a, coef_t, coef_smooth, target_col, w,
-                            v, scale, softcap, has_softcap, PROB_TARGET)
-            tl.store(row_grad + cols * grad_stride_class, g.to(out_ty), mask=mask)
-        else:
-            # Pass 2: re-read the row and write the gradient.
-            _row_grad_pass(row_logits, row_grad, row_target, weight_ptr, 0, n_classes, cols,
-                           logit_stride_class, grad_stride_class, target_stride_class, softcap,
-                           has_softcap, has_weight, keep, add, m, log_s, coef_a, coef_t,
-                           coef_smooth, target_col, scale, IS_FP64, PROB_TARGET, BLOCK_V)
+            if HAS_WEIGHT:
+                w_t = tl.load(weight_ptr + safe_col, mask=in_range, other=1.0).to(acc_ty)
+            else:
+                w_t = tl.full((), 1.0, acc_ty)
+            lin_row = lin
+            vsum_row = weight_total
+        loss, lse, log_s, coef_a, coef_t, coef_smooth = _row_loss(
+            m, s, lin_row, vsum_row, z_t, w_t, ignored, in_range, weight_total,
+            label_smoothing, z_loss, n_classes, PROB_TARGET)
+        if member == 0:
+            tl.store(loss_ptr + row, loss)
+            tl.store(lse_ptr + row, lse)
+        if write_grad != 0:
+            scale = scale_all
+            if not PROB_TARGET:
+                scale = tl.where(ignored, 0.0, tl.where(in_range, scale, float("nan")))
+            if HAS_WEIGHT:
+                # Reloaded (L2) rather than kept live: registers go to the chunk.
+                w = _load_weights(weight_ptr, my_cols, my_mask, has_weight, IS_FP64)
+            z = _upcast_logits(z_raw, my_mask, softcap, has_softcap, IS_FP64)
+            g = _grad_chunk(z, my_mask, my_cols, m, log_s, coef_a, coef_t, coef_smooth,
+                            target_col, w, v, scale, softcap, has_softcap, PROB_TARGET)
+            tl.store(row_grad + my_cols * grad_stride_class, g.to(out_ty), mask=my_mask)
 
 
 @triton.jit
 def scale_grad_kernel(
     grad_ptr, grad_output_ptr,
-    n_classes, n_inner,
+    n_rows, n_classes, n_inner, n_tiles_per_row,
     grad_stride_outer, grad_stride_inner, grad_stride_class,
     go_stride_outer, go_stride_inner,
     PER_ROW: tl.constexpr, IS_FP64: tl.constexpr, LARGE_OFFSETS: tl.constexpr,
@@ -420,34 +678,47 @@ def scale_grad_kernel(
 ):
     """Backward: grad *= grad_output in place; nothing is read or written where it is 1.
 
-    Grid (n_rows, cdiv(n_classes, BLOCK_V)); program (row, chunk) scales BLOCK_V classes.
+    Persistent grid (a few programs per SM): program p scales tiles p, p + G, ... of
+    BLOCK_V classes, tile t = row * n_tiles_per_row + chunk. With a scalar grad_output of
+    exactly 1 (a plain loss.backward()) every program reads it once and returns: O(#SM)
+    programs and no pass over the gradient.
       grad_ptr         (n_outer, n_inner, n_classes), strides grad_stride_*; any float dtype.
       grad_output_ptr  scalar (PER_ROW=False) or (n_outer, n_inner) with strides
                        go_stride_{outer,inner} (0 for an expanded grad_output).
     Constexprs: PER_ROW (reduction='none'), IS_FP64 (multiply in fp64, else fp32),
-      LARGE_OFFSETS (int64 class offsets), BLOCK_V (chunk width, power of 2).
-    Bytes per element: 0 when grad_output == 1 (one scalar read per program),
-    otherwise 1 read + 1 write.
+      LARGE_OFFSETS (int64 class offsets), BLOCK_V (tile width, power of 2).
+    Bytes per element: 0 when grad_output == 1, otherwise 1 read + 1 write.
     """
-    _, outer, inner = _row_coords(n_inner)
-    chunk = tl.program_id(1)
-    if PER_ROW:
-        g_out = tl.load(grad_output_ptr + outer * go_stride_outer + inner * go_stride_inner)
-    else:
-        g_out = tl.load(grad_output_ptr)
     if IS_FP64:
-        g_out = g_out.to(tl.float64)
+        acc_ty = tl.float64
     else:
-        g_out = g_out.to(tl.float32)
-    if g_out != 1.0:
-        cols = chunk * BLOCK_V + tl.arange(0, BLOCK_V)
+        acc_ty = tl.float32
+    if PER_ROW:
+        any_work = True
+    else:
+        g_all = tl.load(grad_output_ptr).to(acc_ty)
+        any_work = g_all != 1.0
+    if any_work:
+        cols0 = tl.arange(0, BLOCK_V)
         if LARGE_OFFSETS:
-            cols = cols.to(tl.int64)
-        mask = cols < n_classes
-        ptrs = grad_ptr + outer * grad_stride_outer + inner * grad_stride_inner \
-            + cols * grad_stride_class
-        g = tl.load(ptrs, mask=mask, other=0.0)
-        tl.store(ptrs, (g.to(g_out.dtype) * g_out).to(g.dtype), mask=mask)
+            cols0 = cols0.to(tl.int64)
+        n_tiles = n_rows * n_tiles_per_row
+        for tile in range(tl.program_id(0), n_tiles, tl.num_programs(0)):
+            row = tile // n_tiles_per_row
+            chunk = tile % n_tiles_per_row
+            outer, inner = _coords_of(row, n_inner)
+            if PER_ROW:
+                g_out = tl.load(grad_output_ptr + outer * go_stride_outer
+                                + inner * go_stride_inner).to(acc_ty)
+            else:
+                g_out = g_all
+            if g_out != 1.0:
+                cols = chunk * BLOCK_V + cols0
+                mask = cols < n_classes
+                ptrs = grad_ptr + outer * grad_stride_outer + inner * grad_stride_inner \
+                    + cols * grad_stride_class
+                g = tl.load(ptrs, mask=mask, other=0.0)
+                tl.store(ptrs, (g.to(acc_ty) * g_out).to(g.dtype), mask=mask)
 
 
 # ------------------------------------------------------------------ vocab-parallel pieces

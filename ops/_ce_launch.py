@@ -7,11 +7,13 @@ axis is dim 1, the rows are (sample, flattened spatial position).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
 import triton
 
+from . import _alloc
 from ._runtime import FP_FUSION, split_f64
 from .kernels import cross_entropy as ce_kernels
 from .static_check import KernelConfig
@@ -35,15 +37,44 @@ SCALE_BLOCK_V = 1024
 _INT32_LIMIT = 2**31
 
 
-# Tests and benchmarks may route calls through one path ("single", "two_pass"); None lets
-# choose_path decide.
+# ---- long rows: the split-row path (one read + one write per logit) --------------------
+# Classes per member program of the split-row kernel: at SPLIT_NUM_WARPS warps this is
+# 16 fp32 values per thread (probabilities keep w y' on chip too, fp64 doubles every
+# value): 32 bytes of 16-bit logits in flight per thread, ~100 registers, no spills
+# (the offline compile checks), one 16-warp program per SM. Capping registers at 64 (two
+# programs per SM) spills at 8 values per thread already: the bounded-wait fallback
+# keeps a second chunk live; 4 values per thread would fit but leave ~1 MB in flight
+# on the whole GPU, too little to cover HBM latency.
+SPLIT_CHUNK = {(False, False): 8192, (False, True): 4096,
+               (True, False): 2048, (True, True): 1024}  # (is_fp64, prob_target)
+SPLIT_NUM_WARPS = 16
+SPLIT_MAX_REGISTERS = None  # ptxas' own limit at 16 warps (128)
+# Most members per row: 32 x 8192 covers 262144 classes (probabilities: 131072, fp64:
+# 65536, fp64 probabilities: 32768); longer rows, or groups the GPU cannot hold at once, take
+# the two-pass path.
+MAX_SPLIT_CHUNKS = 32
+# Total spins per row a member may spend waiting for partners' partials before it
+# recomputes the missing ones from global memory (each spin is one L2 atomic, ~1 us).
+SPLIT_MAX_SPIN = 4096
+# Under the interpreter programs run one after another: never spin (early members
+# recompute, later ones find the partials), and pretend a GPU holding this many
+# split-row programs at once (small, so tests exercise the persistent row loop).
+INTERPRET_SPLIT_CAPACITY = 32
+# Where no device is at hand (plans, benchmarks' bytes models): an H100 SXM holding one
+# 16-warp split-row program per SM (~100 registers per thread).
+MODEL_SMS = 132
+MODEL_SPLIT_PROGRAMS_PER_SM = 1
+
+# Tests and benchmarks may route calls through one path ("single", "split", "two_pass");
+# None lets choose_path decide.
 FORCE_PATH: str | None = None
+PATHS = ("single", "split", "two_pass")
 
 
 def fused_block_v(n_classes: int, dtype: torch.dtype, prob_target: bool) -> tuple[int, bool]:
     """(BLOCK_V, SINGLE_BLOCK) for the fused kernel: whole row on chip when it fits."""
     key = (dtype == torch.float64, prob_target)
-    if FORCE_PATH == "two_pass":
+    if FORCE_PATH in ("two_pass", "split"):
         return LOOP_BLOCK_V[key], False
     if n_classes <= SMALL_BLOCK_V:
         return SMALL_BLOCK_V, True
@@ -120,15 +151,191 @@ def spatial_dims_mergeable(t: torch.Tensor, class_dim: bool) -> bool:
     return True
 
 
+def split_chunk(dtype: torch.dtype, prob_target: bool) -> int:
+    return SPLIT_CHUNK[(dtype == torch.float64, prob_target)]
+
+
+def split_chunks(n_classes: int, dtype: torch.dtype, prob_target: bool) -> int:
+    """Members per row of the split-row kernel."""
+    return triton.cdiv(n_classes, split_chunk(dtype, prob_target))
+
+
+def split_max_chunks(n_chunks: int) -> int:
+    """MAX_CHUNKS of the split-row kernel: always MAX_SPLIT_CHUNKS (one compiled variant;
+    the vectors of partials are tiny and masked past n_chunks)."""
+    return MAX_SPLIT_CHUNKS
+
+
+def split_capacity(device: torch.device | None) -> int:
+    """Split-row programs the device holds at once (the cooperative grid's ceiling)."""
+    if device is None:
+        return MODEL_SMS * MODEL_SPLIT_PROGRAMS_PER_SM
+    if device.type != "cuda":
+        return INTERPRET_SPLIT_CAPACITY
+    return _cuda_split_capacity(device.index if device.index is not None
+                                else torch.cuda.current_device())
+
+
+_CAPACITY_CACHE: dict = {}
+# sm_80 / sm_90: threads, registers and resident blocks per SM.
+_THREADS_PER_SM = 2048
+_REGS_PER_SM = 65536
+_BLOCKS_PER_SM = 32
+
+
+def _cuda_split_capacity(index: int) -> int:
+    """SMs x resident blocks of the compiled split-row kernel (registers, shared memory,
+    threads), computed once per device from a representative compilation."""
+    if index in _CAPACITY_CACHE:
+        return _CAPACITY_CACHE[index]
+    from triton.runtime import driver
+
+    props = driver.active.utils.get_device_properties(index)
+    regs = _split_kernel_registers(index)
+    threads = 32 * SPLIT_NUM_WARPS
+    regs_per_warp = -(-regs * 32 // 256) * 256  # allocated per warp in units of 256
+    by_regs = (_REGS_PER_SM // regs_per_warp) // SPLIT_NUM_WARPS
+    per_sm = max(0, min(_THREADS_PER_SM // threads, by_regs, _BLOCKS_PER_SM))
+    capacity = per_sm * props["multiprocessor_count"]
+    _CAPACITY_CACHE[index] = capacity
+    return capacity
+
+
+def _split_kernel_registers(index: int) -> int:
+    """Registers per thread of the heaviest split-row variant (probabilities, weights,
+    smoothing, int64 offsets, fp32): one number bounds every variant's occupancy."""
+    with torch.cuda.device(index):
+        dev = torch.device("cuda", index)
+        f32 = torch.empty(16, dtype=torch.float32, device=dev)
+        i32 = torch.empty(16, dtype=torch.int32, device=dev)
+        compiled = ce_kernels.cross_entropy_split_kernel.warmup(
+            f32, f32, f32, f32, f32, f32, f32, f32, i32,
+            1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1,
+            0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 1, 1, 1,
+            PROB_TARGET=True, IS_FP64=False, LARGE_OFFSETS=True, HAS_WEIGHT=True,
+            HAS_SMOOTHING=True, CHUNK=SPLIT_CHUNK[(False, True)], MAX_CHUNKS=MAX_SPLIT_CHUNKS,
+            num_warps=SPLIT_NUM_WARPS, enable_fp_fusion=FP_FUSION, grid=(1,),
+            **({"maxnreg": SPLIT_MAX_REGISTERS} if SPLIT_MAX_REGISTERS else {}))
+        compiled._init_handles()
+        return int(compiled.n_regs)
+
+
+def split_grid(n_rows: int, n_chunks: int, device: torch.device | None) -> int:
+    """Programs of the split-row kernel: whole groups, no more than the device holds at
+    once (so the cooperative launch is legal and every group is co-resident), no more
+    groups than rows. 0 when not even one group fits."""
+    groups = min(n_rows, split_capacity(device) // n_chunks)
+    return groups * n_chunks
+
+
+def choose_path(n_rows: int, n_classes: int, dtype: torch.dtype, prob_target: bool,
+                device: torch.device | None = None) -> str:
+    """THE decision which kernel computes a forward: "single" (the row fits one
+    program's registers), "split" (one read: the row split over co-resident programs) or
+    "two_pass" (a streaming pass, then a gradient pass). The first GPU measurement may
+    flip the long-row default with a one-line change here."""
+    if FORCE_PATH is not None:
+        return FORCE_PATH
+    if fused_block_v(n_classes, dtype, prob_target)[1]:
+        return "single"
+    n_chunks = split_chunks(n_classes, dtype, prob_target)
+    if n_chunks <= MAX_SPLIT_CHUNKS and split_grid(n_rows, n_chunks, device) > 0:
+        return "split"
+    return "two_pass"
+
+
+_SYNC_BUFFERS: dict = {}
+# Every sync buffer ever handed out stays alive: a captured CUDA graph may still use it.
+_SYNC_KEEP: list = []
+
+
+def split_sync_buffer(device: torch.device, n: int) -> torch.Tensor:
+    """Zeroed int32 flags/counters for the split-row kernel, reused across calls: the
+    kernel leaves them zero again, so no memset launch per call. One per device and
+    stream (two streams must not share flags)."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (device, stream)
+    buf = _SYNC_BUFFERS.get(key)
+    if buf is None or buf.numel() < n:
+        buf = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+        _SYNC_BUFFERS[key] = buf
+        _SYNC_KEEP.append(buf)
+    return buf
+
+
+def launch_split(logits3, grad3, target_v, weight, loss_rows, lse_rows, reduce_buf, *,
+                 ignore_index, label_smoothing, z_loss, softcap, prob_target, write_grad,
+                 t_strides, partials=None, sync=None):
+    """The split-row kernel over every row; returns its (partials, sync) buffers.
+    Tests may pass their own (e.g. flags already set, to force the exchange)."""
+    n_outer, n_inner, n_classes = logits3.shape
+    n_rows = n_outer * n_inner
+    dtype = logits3.dtype
+    device = logits3.device
+    chunk = split_chunk(dtype, prob_target)
+    n_chunks = triton.cdiv(n_classes, chunk)
+    grid = split_grid(n_rows, n_chunks, device)
+    if grid == 0:
+        raise RuntimeError(f"split-row path: {n_chunks} programs per row do not fit the device")
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    if partials is None:
+        partials = _alloc.empty((n_rows, n_chunks, 4), dtype=acc, device=device)
+    if sync is None:
+        sync = split_sync_buffer(device, n_rows * (n_chunks + 1))
+    sm_hi, sm_lo = split_f64(label_smoothing)
+    zl_hi, zl_lo = split_f64(z_loss)
+    sc_hi, sc_lo = split_f64(softcap if softcap is not None else 1.0)
+    cuda = device.type == "cuda"
+    # Cooperative: the driver refuses the launch rather than run a grid that is not
+    # co-resident (the grid never exceeds split_capacity, so it never refuses).
+    extra = {"launch_cooperative_grid": True, "enable_fp_fusion": FP_FUSION} if cuda else {}
+    if cuda and SPLIT_MAX_REGISTERS:
+        extra["maxnreg"] = SPLIT_MAX_REGISTERS
+    ce_kernels.cross_entropy_split_kernel[(grid,)](
+        logits3, grad3, target_v, weight if weight is not None else reduce_buf,
+        loss_rows, lse_rows, reduce_buf, partials, sync,
+        n_rows, n_classes, n_inner, n_chunks,
+        *logits3.stride(), *grad3.stride(), *t_strides,
+        ignore_index, sm_hi, sm_lo, zl_hi, zl_lo, sc_hi, sc_lo,
+        int(softcap is not None), int(write_grad), SPLIT_MAX_SPIN if cuda else 0,
+        PROB_TARGET=prob_target, IS_FP64=dtype == torch.float64,
+        LARGE_OFFSETS=needs_large_offsets(logits3, grad3, target_v),
+        HAS_WEIGHT=weight is not None, HAS_SMOOTHING=label_smoothing != 0.0 and not prob_target,
+        CHUNK=chunk, MAX_CHUNKS=split_max_chunks(n_chunks), num_warps=SPLIT_NUM_WARPS,
+        **extra,
+    )
+    return partials, sync
+
+
+# Programs per SM of the persistent two-pass path: enough to keep HBM busy, few enough
+# that the rows in flight mostly stay in L2 between the passes.
+TWO_PASS_PROGRAMS_PER_SM = 2
+
+
+def two_pass_grid(n_rows: int, device: torch.device | None) -> int:
+    return min(n_rows, TWO_PASS_PROGRAMS_PER_SM * sm_count(device))
+
+
 def launch_fwd_bwd(logits3, grad3, target_v, weight, loss_rows, lse_rows, reduce_buf, *,
                    ignore_index: int, label_smoothing: float, z_loss: float,
                    softcap: float | None, prob_target: bool, write_grad: bool) -> None:
-    """Run the fused kernel over every row. Shapes as in its docstring."""
+    """Run the forward (loss and gradient) over every row on the path choose_path picks.
+    Shapes as in the kernels' docstrings."""
     n_outer, n_inner, n_classes = logits3.shape
     n_rows = n_outer * n_inner
     if n_rows == 0:
         return
     dtype = logits3.dtype
+    path = choose_path(n_rows, n_classes, dtype, prob_target, logits3.device)
+    if path == "split":
+        if grad3 is None:
+            grad3 = logits3  # never written: write_grad is 0
+        t_strides = target_v.stride() if prob_target else (*target_v.stride(), 0)
+        launch_split(logits3, grad3, target_v, weight, loss_rows, lse_rows, reduce_buf,
+                     ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss,
+                     softcap=softcap, prob_target=prob_target, write_grad=write_grad,
+                     t_strides=t_strides)
+        return
     block_v, single = fused_block_v(n_classes, dtype, prob_target)
     if grad3 is None:
         grad3 = logits3  # never written: write_grad is 0
@@ -140,10 +347,11 @@ def launch_fwd_bwd(logits3, grad3, target_v, weight, loss_rows, lse_rows, reduce
     zl_hi, zl_lo = split_f64(z_loss)
     sc_hi, sc_lo = split_f64(softcap if softcap is not None else 1.0)
     large = needs_large_offsets(logits3, grad3, target_v)
-    ce_kernels.cross_entropy_fwd_bwd_kernel[(n_rows,)](
+    grid = n_rows if single else two_pass_grid(n_rows, logits3.device)
+    ce_kernels.cross_entropy_fwd_bwd_kernel[(grid,)](
         logits3, grad3, target_v, weight if weight is not None else reduce_buf,
         loss_rows, lse_rows, reduce_buf,
-        n_classes, n_inner,
+        n_rows, n_classes, n_inner,
         *logits3.stride(), *grad3.stride(), *t_strides,
         ignore_index, sm_hi, sm_lo, zl_hi, zl_lo, sc_hi, sc_lo,
         int(weight is not None), int(softcap is not None), int(write_grad),
@@ -151,6 +359,37 @@ def launch_fwd_bwd(logits3, grad3, target_v, weight, loss_rows, lse_rows, reduce
         BLOCK_V=block_v, SINGLE_BLOCK=single, num_warps=fwd_bwd_num_warps(block_v, single),
         enable_fp_fusion=FP_FUSION,
     )
+
+
+# Programs per SM of the persistent backward kernel, and the SM count the interpreter
+# pretends (small: the tile loop runs in tests).
+SCALE_PROGRAMS_PER_SM = 8
+INTERPRET_SMS = 4
+
+
+def sm_count(device: torch.device | None) -> int:
+    """Streaming multiprocessors of ``device`` (MODEL_SMS without one, INTERPRET_SMS on CPU)."""
+    if device is None:
+        return MODEL_SMS
+    if device.type != "cuda":
+        return INTERPRET_SMS
+    return _cuda_sm_count(device.index if device.index is not None
+                          else torch.cuda.current_device())
+
+
+_SM_CACHE: dict = {}
+
+
+def _cuda_sm_count(index: int) -> int:
+    if index not in _SM_CACHE:
+        _SM_CACHE[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SM_CACHE[index]
+
+
+def scale_grid(n_rows: int, n_classes: int, device: torch.device | None) -> tuple[int, int]:
+    """(programs, tiles per row) of the persistent backward kernel: O(#SM) programs."""
+    tiles_per_row = triton.cdiv(n_classes, scale_block_v(n_classes))
+    return min(n_rows * tiles_per_row, SCALE_PROGRAMS_PER_SM * sm_count(device)), tiles_per_row
 
 
 def launch_scale_grad(grad3, grad_output_v) -> None:
@@ -162,8 +401,10 @@ def launch_scale_grad(grad3, grad_output_v) -> None:
     block_v = scale_block_v(n_classes)
     per_row = grad_output_v.dim() > 0
     go_strides = grad_output_v.stride() if per_row else (0, 0)
-    ce_kernels.scale_grad_kernel[(n_rows, triton.cdiv(n_classes, block_v))](
-        grad3, grad_output_v, n_classes, n_inner, *grad3.stride(), *go_strides,
+    programs, tiles_per_row = scale_grid(n_rows, n_classes, grad3.device)
+    ce_kernels.scale_grad_kernel[(programs,)](
+        grad3, grad_output_v, n_rows, n_classes, n_inner, tiles_per_row,
+        *grad3.stride(), *go_strides,
         PER_ROW=per_row, IS_FP64=grad3.dtype == torch.float64,
         LARGE_OFFSETS=needs_large_offsets(grad3), BLOCK_V=block_v,
         num_warps=scale_num_warps(block_v), enable_fp_fusion=FP_FUSION,
@@ -220,6 +461,84 @@ def launch_shard_grad(logits3, grad3, target_v, weight, coef, *, softcap: float 
     )
 
 
+# --- the plan: what a call does, from the same functions the launchers use ---------------
+
+@dataclasses.dataclass(frozen=True)
+class CEPlan:
+    """What the cross-entropy launchers do for one call (forward kernel + backward).
+
+    path: "single", "split" or "two_pass" (choose_path).
+    kernels: (kernel name, grid, constexprs and launch options) in launch order: the
+        forward kernel, then the backward kernel.
+    launches_fwd / launches_bwd_go1: kernel launches of this module per forward, and per
+        backward with grad_output == 1 (the host path may add its own small launches).
+    bytes_per_logit_fwd_bwd: HBM traffic over the logits (and gradient, and
+        probabilities) per logit for forward + backward(grad_output == 1), in units of
+        the element size: 2.0 = one read + one write.
+    """
+
+    path: str
+    n_rows: int
+    n_classes: int
+    kernels: list
+    launches_fwd: int
+    launches_bwd_go1: int
+    bytes_per_logit_fwd_bwd: float
+    per_row_bytes: int
+
+    def hbm_bytes(self, elem_size: int) -> int:
+        """Modelled HBM bytes of forward + backward(grad_output == 1) over the logits,
+        gradient and probabilities, plus the kernels' per-row scratch (split partials)."""
+        logits = self.bytes_per_logit_fwd_bwd * self.n_rows * self.n_classes * elem_size
+        return int(logits) + self.n_rows * self.per_row_bytes
+
+
+def plan_cross_entropy(n_rows: int, n_classes: int, dtype: torch.dtype, *,
+                       prob_target: bool = False, write_grad: bool = True,
+                       has_weight: bool = False, smoothing: bool = False,
+                       device: torch.device | None = None) -> CEPlan:
+    """The launchers' plan for (n_rows, n_classes) logits of ``dtype``; ``device=None``
+    models an H100 (MODEL_SMS, one split-row program per SM)."""
+    path = choose_path(n_rows, n_classes, dtype, prob_target, device)
+    acc_size = 8 if dtype == torch.float64 else 4
+    # Per-row scratch of the kernels themselves (targets, loss and lse are the host
+    # path's part of the model: bench/plan_ce.py adds them).
+    per_row = 0
+    kernels = []
+    if path == "split":
+        chunk = split_chunk(dtype, prob_target)
+        n_chunks = triton.cdiv(n_classes, chunk)
+        grid = split_grid(n_rows, n_chunks, device)
+        kernels.append(("cross_entropy_split_kernel", (grid,), {
+            "CHUNK": chunk, "MAX_CHUNKS": split_max_chunks(n_chunks),
+            "HAS_WEIGHT": has_weight, "HAS_SMOOTHING": smoothing and not prob_target,
+            "PROB_TARGET": prob_target, "num_warps": SPLIT_NUM_WARPS,
+            "launch_cooperative_grid": True}))
+        # Published partials: n_chunks x 4 values per row written (L2-resident).
+        per_row += n_chunks * 4 * acc_size
+        logit_passes = 1
+    else:
+        block_v, single = fused_block_v(n_classes, dtype, prob_target)
+        grid = n_rows if single else two_pass_grid(n_rows, device)
+        kernels.append(("cross_entropy_fwd_bwd_kernel", (grid,), {
+            "BLOCK_V": block_v, "SINGLE_BLOCK": single, "PROB_TARGET": prob_target,
+            "num_warps": fwd_bwd_num_warps(block_v, single)}))
+        logit_passes = 1 if single or not write_grad else 2
+    per_logit = float(logit_passes) + (1.0 if write_grad else 0.0)
+    if prob_target:
+        per_logit += logit_passes  # y is read alongside the logits in every pass
+    launches_bwd = 0
+    if write_grad:
+        programs, _ = scale_grid(n_rows, n_classes, device)
+        kernels.append(("scale_grad_kernel", (programs,), {
+            "BLOCK_V": scale_block_v(n_classes), "PER_ROW": False,
+            "num_warps": scale_num_warps(scale_block_v(n_classes))}))
+        launches_bwd = 1
+    return CEPlan(path=path, n_rows=n_rows, n_classes=n_classes, kernels=kernels,
+                  launches_fwd=1, launches_bwd_go1=launches_bwd,
+                  bytes_per_logit_fwd_bwd=per_logit, per_row_bytes=per_row)
+
+
 # --- every configuration the heuristics above can choose, for offline compilation ---
 
 _TRITON_TYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
@@ -259,7 +578,8 @@ def static_configs() -> list[KernelConfig]:
                         "logits_ptr": f"*{ty}", "grad_ptr": f"*{ty}",
                         "target_ptr": f"*{ty}" if prob else "*i64",
                         "weight_ptr": f"*{acc}", "loss_ptr": f"*{acc}", "lse_ptr": f"*{acc}",
-                        "reduce_ptr": f"*{acc}", "n_classes": "i32", "n_inner": "i32",
+                        "reduce_ptr": f"*{acc}", "n_rows": "i32", "n_classes": "i32",
+                        "n_inner": "i32",
                         "logit_stride_outer": "i64" if large else "i32",
                         "logit_stride_inner": "i32", "logit_stride_class": "constexpr",
                         "grad_stride_outer": "i64" if large else "i32",
@@ -294,7 +614,8 @@ def static_configs() -> list[KernelConfig]:
                 for large in (False, True):
                     sig = {
                         "grad_ptr": f"*{ty}", "grad_output_ptr": f"*{ty}",
-                        "n_classes": "i32", "n_inner": "i32",
+                        "n_rows": "i32", "n_classes": "i32", "n_inner": "i32",
+                        "n_tiles_per_row": "i32",
                         "grad_stride_outer": "i64" if large else "i32",
                         "grad_stride_inner": "i32", "grad_stride_class": "constexpr",
                         "go_stride_outer": "i32", "go_stride_inner": "i32",
@@ -311,6 +632,7 @@ def static_configs() -> list[KernelConfig]:
                         scale_num_warps(block_v),
                         aligned=_ALIGNED_ARGS,
                     ))
+        configs.extend(_split_configs(dtype, ty, acc))
         for prob in (False, True):
             blocks = sorted({shard_block_v(n, dtype, prob)
                              for n in (1, SMALL_BLOCK_V + 1, MEDIUM_BLOCK_V + 1)})
@@ -353,3 +675,47 @@ def _shard_configs(dtype, ty, acc, prob, block_v, large) -> list[KernelConfig]:
                      streaming_num_warps(block_v),
                      aligned=aligned),
     ]
+
+
+def _split_configs(dtype, ty, acc) -> list[KernelConfig]:
+    """Every split-row kernel variant: probabilities or class index (with or without the
+    smoothing sums), with or without weights, int32 or int64 class offsets."""
+    out = []
+    variants = [(False, w, sm) for w in (False, True) for sm in (False, True)]
+    variants += [(True, w, False) for w in (False, True)]
+    for prob, weighted, smooth in variants:
+        for large in (False, True):
+            sig = {
+                "logits_ptr": f"*{ty}", "grad_ptr": f"*{ty}",
+                "target_ptr": f"*{ty}" if prob else "*i64", "weight_ptr": f"*{acc}",
+                "loss_ptr": f"*{acc}", "lse_ptr": f"*{acc}", "reduce_ptr": f"*{acc}",
+                "partial_ptr": f"*{acc}", "sync_ptr": "*i32",
+                "n_rows": "i32", "n_classes": "i32", "n_inner": "i32", "n_chunks": "i32",
+                "logit_stride_outer": "i64" if large else "i32", "logit_stride_inner": "i32",
+                "logit_stride_class": "constexpr",
+                "grad_stride_outer": "i64" if large else "i32", "grad_stride_inner": "i32",
+                "grad_stride_class": "constexpr",
+                "target_stride_outer": "i32", "target_stride_inner": "i32",
+                "target_stride_class": "constexpr" if prob else "i32",
+                "ignore_index": "i32", "smoothing_hi": "fp32", "smoothing_lo": "fp32",
+                "z_loss_hi": "fp32", "z_loss_lo": "fp32", "softcap_hi": "fp32",
+                "softcap_lo": "fp32", "has_softcap": "i32", "write_grad": "i32",
+                "max_spin": "i32",
+                "PROB_TARGET": "constexpr", "IS_FP64": "constexpr", "LARGE_OFFSETS": "constexpr",
+                "HAS_WEIGHT": "constexpr", "HAS_SMOOTHING": "constexpr", "CHUNK": "constexpr",
+                "MAX_CHUNKS": "constexpr",
+            }
+            constexprs = {"logit_stride_class": 1, "grad_stride_class": 1, "PROB_TARGET": prob,
+                          "IS_FP64": dtype == torch.float64, "LARGE_OFFSETS": large,
+                          "HAS_WEIGHT": weighted, "HAS_SMOOTHING": smooth,
+                          "CHUNK": split_chunk(dtype, prob), "MAX_CHUNKS": MAX_SPLIT_CHUNKS}
+            if prob:
+                constexprs["target_stride_class"] = 1
+            name = (f"ce_split[{ty},CHUNK={split_chunk(dtype, prob)},"
+                    f"{'prob' if prob else 'index'}{',weight' if weighted else ''}"
+                    f"{',smoothing' if smooth else ''}{',int64' if large else ''}]")
+            out.append(KernelConfig(name, ce_kernels.cross_entropy_split_kernel, sig,
+                                    constexprs, SPLIT_NUM_WARPS,
+                                    aligned=_ALIGNED_ARGS + ("partial_ptr", "sync_ptr"),
+                                    maxnreg=SPLIT_MAX_REGISTERS))
+    return out

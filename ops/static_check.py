@@ -34,7 +34,7 @@ class KernelConfig:
         specialised to the constant 1, as Triton does for unit strides at run time).
     aligned: arguments Triton would see as 16-divisible at run time (pointers from
         the caching allocator; sizes/strides that are multiples of 16).
-    num_warps / num_stages: launch options.
+    num_warps / num_stages / maxnreg: launch options.
     """
 
     name: str
@@ -44,6 +44,7 @@ class KernelConfig:
     num_warps: int
     aligned: tuple = ()
     num_stages: int = 1
+    maxnreg: int | None = None  # register cap per thread, as the launcher passes it
 
 
 @dataclasses.dataclass
@@ -108,7 +109,8 @@ def compile_config(cfg: KernelConfig, arch: int = 90) -> CompileReport:
     # The same fp-fusion setting the launchers pass (not Triton's version-dependent default).
     kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                             options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages,
-                                     "enable_fp_fusion": FP_FUSION})
+                                     "enable_fp_fusion": FP_FUSION,
+                                     **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {})})
     ptx = kernel.asm["ptx"]
     # ptxas -v gives exact register / spill counts for the PTX Triton produced.
     ptxas = get_ptxas(arch).path

@@ -27,6 +27,7 @@ def force_path(monkeypatch, path: str) -> None:
     """Route every long row through one launcher path, with several chunks per row."""
     monkeypatch.setattr(launch, "FORCE_PATH", path)
     monkeypatch.setattr(launch, "LOOP_BLOCK_V", {k: 1024 for k in launch.LOOP_BLOCK_V})
+    monkeypatch.setattr(launch, "SPLIT_CHUNK", {k: 1024 for k in launch.SPLIT_CHUNK})
 
 
 def confident_rows(n_rows, n_classes, base, lead=12.0):
@@ -49,7 +50,7 @@ def errors(fn, z, t, **kw):
 
 
 # 3000 classes: single block by default, three chunks when a streaming path is forced.
-@pytest.mark.parametrize("path", ["single", "two_pass"])
+@pytest.mark.parametrize("path", ["single", "split", "two_pass"])
 @pytest.mark.parametrize("base", [30.0, 0.0])  # large logits (no soft-cap); small logits
 @pytest.mark.parametrize("kw", [{}, {"label_smoothing": 0.1}], ids=["plain", "smoothing"])
 def test_confident_rows_as_accurate_as_torch(monkeypatch, path, base, kw):
@@ -61,7 +62,7 @@ def test_confident_rows_as_accurate_as_torch(monkeypatch, path, base, kw):
     assert fg_grad <= SLACK * torch_grad + 1e-7, (fg_grad, torch_grad)
 
 
-@pytest.mark.parametrize("path", ["single", "two_pass"])
+@pytest.mark.parametrize("path", ["single", "split", "two_pass"])
 def test_confident_probability_targets(monkeypatch, path):
     # Near one-hot probabilities on confident rows: sum w y (z - m) must not be formed
     # as sum w y z - m sum w y.
