@@ -78,10 +78,17 @@ def _scalar(hi, lo, IS_FP64: tl.constexpr):
 
 
 @triton.jit
-def _load_logits(row_ptr, cols, mask, class_stride, softcap, has_softcap, IS_FP64: tl.constexpr,
-                 EVICT: tl.constexpr = ""):
-    """Load one chunk of a row, upcast, soft-cap; padded lanes are -inf (after the cap).
-    EVICT: L2 eviction hint ("evict_last" keeps lines a second pass re-reads)."""
+def _load_logits(row_ptr, cols, mask, class_stride, softcap, has_softcap, IS_FP64: tl.constexpr):
+    """Load one chunk of a row, upcast, soft-cap; padded lanes are -inf (after the cap)."""
+    z = tl.load(row_ptr + cols * class_stride, mask=mask, other=0.0)
+    return _upcast_logits(z, mask, softcap, has_softcap, IS_FP64)
+
+
+@triton.jit
+def _load_logits_hint(row_ptr, cols, mask, class_stride, softcap, has_softcap,
+                      IS_FP64: tl.constexpr, EVICT: tl.constexpr):
+    """_load_logits with an L2 eviction hint ("evict_last" keeps lines a second pass
+    re-reads, "evict_first" streams, "" is the default policy)."""
     z = tl.load(row_ptr + cols * class_stride, mask=mask, other=0.0, eviction_policy=EVICT)
     return _upcast_logits(z, mask, softcap, has_softcap, IS_FP64)
 
@@ -166,10 +173,10 @@ def _merge_linear(lin_a, v_a, d_a, lin_b, v_b, d_b):
 @triton.jit
 def _load_chunk(row_logits, row_target, weight_ptr, c, mask, class_stride, target_class_stride,
                 softcap, has_softcap, has_weight, keep, add, IS_FP64: tl.constexpr,
-                PROB_TARGET: tl.constexpr, EVICT: tl.constexpr = ""):
+                PROB_TARGET: tl.constexpr, EVICT: tl.constexpr):
     """(z, w, v) of one chunk: capped logits, weights, and the weights the linear sum
     uses (w for class indices, w y' for probabilities)."""
-    z = _load_logits(row_logits, c, mask, class_stride, softcap, has_softcap, IS_FP64, EVICT)
+    z = _load_logits_hint(row_logits, c, mask, class_stride, softcap, has_softcap, IS_FP64, EVICT)
     w = _load_weights(weight_ptr, c, mask, has_weight, IS_FP64)
     if PROB_TARGET:
         y = _load_target_probs(row_target, c, mask, target_class_stride, keep, add, IS_FP64)
@@ -183,7 +190,7 @@ def _load_chunk(row_logits, row_target, weight_ptr, c, mask, class_stride, targe
 def _row_stats_pass(row_logits, row_target, weight_ptr, lo, hi, cols, class_stride,
                     target_class_stride, softcap, has_softcap, has_weight, keep, add, acc_ty,
                     IS_FP64: tl.constexpr, PROB_TARGET: tl.constexpr, HAS_LINEAR: tl.constexpr,
-                    BLOCK_V: tl.constexpr, EVICT: tl.constexpr = ""):
+                    BLOCK_V: tl.constexpr, EVICT: tl.constexpr):
     """Streaming statistics of classes [lo, hi) of one row, one read of the logits (and
     of y for probabilities): (m, s, lin_w, w_sum, lin_v, v_sum) with
     lin_w = sum w (z - ref(m)), w_sum = sum w      (zeros unless HAS_LINEAR),
@@ -239,7 +246,7 @@ def _row_grad_pass(row_logits, row_grad, row_target, weight_ptr, lo, hi, cols, c
                    grad_class_stride, target_class_stride, softcap, has_softcap, has_weight,
                    keep, add, m, log_s, coef_a, coef_t, coef_smooth, target_col, scale,
                    IS_FP64: tl.constexpr, PROB_TARGET: tl.constexpr, BLOCK_V: tl.constexpr,
-                   REVERSE: tl.constexpr = False, EVICT: tl.constexpr = ""):
+                   REVERSE: tl.constexpr, EVICT: tl.constexpr):
     """Write the gradient of classes [lo, hi) of one row: 1 read + 1 write per logit.
     REVERSE walks the chunks last to first: right after a statistics pass the row's
     tail is what L2 still holds. Shared by the fused two-pass path and the
@@ -371,7 +378,7 @@ def cross_entropy_fwd_bwd_kernel(
             mask = cols < n_classes
             z, w, v = _load_chunk(row_logits, row_target, weight_ptr, cols, mask,
                                   logit_stride_class, target_stride_class, softcap, has_softcap,
-                                  has_weight, keep, add, IS_FP64, PROB_TARGET)
+                                  has_weight, keep, add, IS_FP64, PROB_TARGET, "")
             m, s, zs = _chunk_max_sum(z)
             lin = tl.sum(tl.where(mask, v * zs, 0.0), axis=0)
             if PROB_TARGET:
@@ -601,7 +608,7 @@ def cross_entropy_split_kernel(
                     jz, jw, jvv = _load_chunk(row_logits, row_target, weight_ptr, jc, jmask,
                                               logit_stride_class, target_stride_class, softcap,
                                               has_softcap, has_weight, keep, add, IS_FP64,
-                                              PROB_TARGET)
+                                              PROB_TARGET, "")
                     jm, js, jlin, jv = _chunk_partial(jz, jmask, jw, jvv, PROB_TARGET,
                                                       HAS_SMOOTHING)
                     vm = tl.where(kidx == j, jm, vm)
@@ -765,7 +772,7 @@ def cross_entropy_shard_stats_kernel(
     m, s, wz, w_sum, wyz, wy = _row_stats_pass(
         row_logits, row_target, weight_ptr, 0, n_classes, cols, logit_stride_class,
         target_stride_class, softcap, has_softcap, has_weight, 1.0, 0.0, acc_ty,
-        IS_FP64, PROB_TARGET, True, BLOCK_V)
+        IS_FP64, PROB_TARGET, True, BLOCK_V, "")
     out = stats_ptr + row * 6
     tl.store(out, m)
     tl.store(out + 1, s)
@@ -828,4 +835,4 @@ def cross_entropy_shard_grad_kernel(
     _row_grad_pass(row_logits, row_grad, row_target, weight_ptr, 0, n_classes, cols,
                    logit_stride_class, grad_stride_class, target_stride_class, softcap,
                    has_softcap, has_weight, keep, add, m, log_s, coef_a, coef_t, add, target_col,
-                   scale, IS_FP64, PROB_TARGET, BLOCK_V)
+                   scale, IS_FP64, PROB_TARGET, BLOCK_V, False, "")

@@ -38,21 +38,25 @@ _INT32_LIMIT = 2**31
 
 
 # ---- long rows: the split-row path (one read + one write per logit) --------------------
-# Classes per member program of the split-row kernel: at SPLIT_NUM_WARPS warps this is
-# 16 fp32 values per thread (probabilities keep w y' on chip too, fp64 doubles every
-# value): 32 bytes of 16-bit logits in flight per thread, ~100 registers, no spills
-# (the offline compile checks), one 16-warp program per SM. Capping registers at 64 (two
-# programs per SM) spills at 8 values per thread already: the bounded-wait fallback
-# keeps a second chunk live; 4 values per thread would fit but leave ~1 MB in flight
-# on the whole GPU, too little to cover HBM latency.
-SPLIT_CHUNK = {(False, False): 8192, (False, True): 4096,
-               (True, False): 2048, (True, True): 1024}  # (is_fp64, prob_target)
+# Classes per member program of the split-row kernel, by element size: at
+# SPLIT_NUM_WARPS warps, 16 logits per thread (32 bytes of 16-bit logits in flight per
+# thread), 8 for fp32 and 2 for fp64; ~90-128 registers, no spills on sm_80/sm_90 (the
+# offline compile checks), one 16-warp program per SM. Capping registers at 64 (two
+# programs per SM) spills already at 8 values per thread (the bounded-wait fallback keeps
+# a second chunk live); 4 values per thread would fit but leave ~1 MB in flight on the
+# whole GPU, too little to cover HBM latency.
+SPLIT_CHUNK = {2: 8192, 4: 4096, 8: 1024}  # by element size, class-index targets;
+# probability targets keep w y' on chip too: half the chunk.
 SPLIT_NUM_WARPS = 16
-SPLIT_MAX_REGISTERS = None  # ptxas' own limit at 16 warps (128)
-# Most members per row: 32 x 8192 covers 262144 classes (probabilities: 131072, fp64:
-# 65536, fp64 probabilities: 32768); longer rows, or groups the GPU cannot hold at once, take
+# Passed explicitly (maxnreg): left alone, ptxas sometimes settles below the 128 a 16-warp
+# program may use and spills (fp32 probabilities on sm_90).
+SPLIT_MAX_REGISTERS = 128
+# Longest row of the split path: 262144 classes (32 x 8192 for 16-bit logits, 64 x 4096
+# for fp32; probabilities 131072, fp64 65536, fp64 probabilities 32768: at most
+# MAX_SPLIT_CHUNKS members). Longer rows, or groups the GPU cannot hold at once, take
 # the two-pass path.
-MAX_SPLIT_CHUNKS = 32
+MAX_SPLIT_CLASSES = 262144
+MAX_SPLIT_CHUNKS = 64
 # Total spins per row a member may spend waiting for partners' partials before it
 # recomputes the missing ones from global memory (each spin is one L2 atomic, ~1 us).
 SPLIT_MAX_SPIN = 4096
@@ -60,10 +64,8 @@ SPLIT_MAX_SPIN = 4096
 # recompute, later ones find the partials), and pretend a GPU holding this many
 # split-row programs at once (small, so tests exercise the persistent row loop).
 INTERPRET_SPLIT_CAPACITY = 32
-# Where no device is at hand (plans, benchmarks' bytes models): an H100 SXM holding one
-# 16-warp split-row program per SM (~100 registers per thread).
+# Where no device is at hand (plans, benchmarks' bytes models): an H100 SXM.
 MODEL_SMS = 132
-MODEL_SPLIT_PROGRAMS_PER_SM = 1
 
 # Tests and benchmarks may route calls through one path ("single", "split", "two_pass");
 # None lets choose_path decide.
@@ -98,8 +100,14 @@ def streaming_num_warps(block_v: int) -> int:
     return max(1, min(32, block_v // 256))
 
 
-def fwd_bwd_num_warps(block_v: int, single_block: bool) -> int:
-    return fused_num_warps(block_v) if single_block else streaming_num_warps(block_v)
+def fwd_bwd_num_warps(block_v: int, single_block: bool, is_fp64: bool = False) -> int:
+    """Warps of the fused kernel: 16 values per thread (8 in fp64 on the two-pass path).
+    The persistent two-pass loop keeps more state live across chunks than the shard
+    kernels; at 8 values per thread (twice the warps) ptxas settles at 64 registers and
+    spills, at 16 it takes ~100-128 registers without spills (two programs per SM)."""
+    if is_fp64 and not single_block:
+        return max(1, min(32, block_v // 256))
+    return fused_num_warps(block_v)
 
 
 def scale_block_v(n_classes: int) -> int:
@@ -152,7 +160,8 @@ def spatial_dims_mergeable(t: torch.Tensor, class_dim: bool) -> bool:
 
 
 def split_chunk(dtype: torch.dtype, prob_target: bool) -> int:
-    return SPLIT_CHUNK[(dtype == torch.float64, prob_target)]
+    chunk = SPLIT_CHUNK[dtype.itemsize]
+    return chunk // 2 if prob_target else chunk
 
 
 def split_chunks(n_classes: int, dtype: torch.dtype, prob_target: bool) -> int:
@@ -160,64 +169,41 @@ def split_chunks(n_classes: int, dtype: torch.dtype, prob_target: bool) -> int:
     return triton.cdiv(n_classes, split_chunk(dtype, prob_target))
 
 
-def split_max_chunks(n_chunks: int) -> int:
-    """MAX_CHUNKS of the split-row kernel: always MAX_SPLIT_CHUNKS (one compiled variant;
-    the vectors of partials are tiny and masked past n_chunks)."""
-    return MAX_SPLIT_CHUNKS
+def split_max_chunks(dtype: torch.dtype, prob_target: bool) -> int:
+    """MAX_CHUNKS of the split-row kernel (the width of its vectors of partials, one
+    compiled variant per dtype/target kind) and the most members a row may have:
+    MAX_SPLIT_CLASSES worth of chunks, at most MAX_SPLIT_CHUNKS (wider vectors cost the
+    16-bit 8192-wide variants their last registers: 64 lanes spill on sm_80/sm_90)."""
+    return min(MAX_SPLIT_CHUNKS, MAX_SPLIT_CLASSES // split_chunk(dtype, prob_target))
 
 
 def split_capacity(device: torch.device | None) -> int:
     """Split-row programs the device holds at once (the cooperative grid's ceiling)."""
     if device is None:
-        return MODEL_SMS * MODEL_SPLIT_PROGRAMS_PER_SM
+        return MODEL_SMS * split_programs_per_sm()
     if device.type != "cuda":
         return INTERPRET_SPLIT_CAPACITY
-    return _cuda_split_capacity(device.index if device.index is not None
-                                else torch.cuda.current_device())
+    return sm_count(device) * split_programs_per_sm()
 
 
-_CAPACITY_CACHE: dict = {}
 # sm_80 / sm_90: threads, registers and resident blocks per SM.
 _THREADS_PER_SM = 2048
 _REGS_PER_SM = 65536
 _BLOCKS_PER_SM = 32
 
 
-def _cuda_split_capacity(index: int) -> int:
-    """SMs x resident blocks of the compiled split-row kernel (registers, shared memory,
-    threads), computed once per device from a representative compilation."""
-    if index in _CAPACITY_CACHE:
-        return _CAPACITY_CACHE[index]
-    from triton.runtime import driver
-
-    props = driver.active.utils.get_device_properties(index)
-    regs = _split_kernel_registers(index)
+def split_programs_per_sm() -> int:
+    """Resident split-row programs per SM, from what bounds the compiled kernel: its
+    warps, and its registers per thread, which ptxas keeps within SPLIT_MAX_REGISTERS
+    (or within its own 65536 / threads when uncapped, the worst case taken here: the
+    variants compile at 88-128 registers on sm_90, `python -m bench static`).
+    Shared memory (a few hundred bytes of reduction scratch) never binds. Derived from
+    the compile, not queried per call: no compilation on the hot path."""
     threads = 32 * SPLIT_NUM_WARPS
+    regs = SPLIT_MAX_REGISTERS or min(255, _REGS_PER_SM // threads)
     regs_per_warp = -(-regs * 32 // 256) * 256  # allocated per warp in units of 256
     by_regs = (_REGS_PER_SM // regs_per_warp) // SPLIT_NUM_WARPS
-    per_sm = max(0, min(_THREADS_PER_SM // threads, by_regs, _BLOCKS_PER_SM))
-    capacity = per_sm * props["multiprocessor_count"]
-    _CAPACITY_CACHE[index] = capacity
-    return capacity
-
-
-def _split_kernel_registers(index: int) -> int:
-    """Registers per thread of the heaviest split-row variant (probabilities, weights,
-    smoothing, int64 offsets, fp32): one number bounds every variant's occupancy."""
-    with torch.cuda.device(index):
-        dev = torch.device("cuda", index)
-        f32 = torch.empty(16, dtype=torch.float32, device=dev)
-        i32 = torch.empty(16, dtype=torch.int32, device=dev)
-        compiled = ce_kernels.cross_entropy_split_kernel.warmup(
-            f32, f32, f32, f32, f32, f32, f32, f32, i32,
-            1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1,
-            0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 1, 1, 1,
-            PROB_TARGET=True, IS_FP64=False, LARGE_OFFSETS=True, HAS_WEIGHT=True,
-            HAS_SMOOTHING=True, CHUNK=SPLIT_CHUNK[(False, True)], MAX_CHUNKS=MAX_SPLIT_CHUNKS,
-            num_warps=SPLIT_NUM_WARPS, enable_fp_fusion=FP_FUSION, grid=(1,),
-            **({"maxnreg": SPLIT_MAX_REGISTERS} if SPLIT_MAX_REGISTERS else {}))
-        compiled._init_handles()
-        return int(compiled.n_regs)
+    return max(0, min(_THREADS_PER_SM // threads, by_regs, _BLOCKS_PER_SM))
 
 
 def split_grid(n_rows: int, n_chunks: int, device: torch.device | None) -> int:
@@ -239,7 +225,8 @@ def choose_path(n_rows: int, n_classes: int, dtype: torch.dtype, prob_target: bo
     if fused_block_v(n_classes, dtype, prob_target)[1]:
         return "single"
     n_chunks = split_chunks(n_classes, dtype, prob_target)
-    if n_chunks <= MAX_SPLIT_CHUNKS and split_grid(n_rows, n_chunks, device) > 0:
+    if n_chunks <= split_max_chunks(dtype, prob_target) \
+            and split_grid(n_rows, n_chunks, device) > 0:
         return "split"
     return "two_pass"
 
@@ -275,8 +262,9 @@ def launch_split(logits3, grad3, target_v, weight, loss_rows, lse_rows, reduce_b
     chunk = split_chunk(dtype, prob_target)
     n_chunks = triton.cdiv(n_classes, chunk)
     grid = split_grid(n_rows, n_chunks, device)
-    if grid == 0:
-        raise RuntimeError(f"split-row path: {n_chunks} programs per row do not fit the device")
+    max_chunks = split_max_chunks(dtype, prob_target)
+    if grid == 0 or n_chunks > max_chunks:
+        raise RuntimeError(f"split-row path: {n_chunks} programs per row do not fit")
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     if partials is None:
         partials = _alloc.empty((n_rows, n_chunks, 4), dtype=acc, device=device)
@@ -301,7 +289,7 @@ def launch_split(logits3, grad3, target_v, weight, loss_rows, lse_rows, reduce_b
         PROB_TARGET=prob_target, IS_FP64=dtype == torch.float64,
         LARGE_OFFSETS=needs_large_offsets(logits3, grad3, target_v),
         HAS_WEIGHT=weight is not None, HAS_SMOOTHING=label_smoothing != 0.0 and not prob_target,
-        CHUNK=chunk, MAX_CHUNKS=split_max_chunks(n_chunks), num_warps=SPLIT_NUM_WARPS,
+        CHUNK=chunk, MAX_CHUNKS=max_chunks, num_warps=SPLIT_NUM_WARPS,
         **extra,
     )
     return partials, sync
@@ -310,6 +298,10 @@ def launch_split(logits3, grad3, target_v, weight, loss_rows, lse_rows, reduce_b
 # Programs per SM of the persistent two-pass path: enough to keep HBM busy, few enough
 # that the rows in flight mostly stay in L2 between the passes.
 TWO_PASS_PROGRAMS_PER_SM = 2
+# Register cap of the two-pass kernel, passed explicitly (maxnreg): ptxas' own choice
+# spills a few bytes on some variants (fp32 probabilities on sm_80); 128 keeps two
+# 8-warp programs per SM.
+TWO_PASS_MAX_REGISTERS = 128
 
 
 def two_pass_grid(n_rows: int, device: torch.device | None) -> int:
@@ -348,6 +340,7 @@ def launch_fwd_bwd(logits3, grad3, target_v, weight, loss_rows, lse_rows, reduce
     sc_hi, sc_lo = split_f64(softcap if softcap is not None else 1.0)
     large = needs_large_offsets(logits3, grad3, target_v)
     grid = n_rows if single else two_pass_grid(n_rows, logits3.device)
+    extra = {} if single else {"maxnreg": TWO_PASS_MAX_REGISTERS}
     ce_kernels.cross_entropy_fwd_bwd_kernel[(grid,)](
         logits3, grad3, target_v, weight if weight is not None else reduce_buf,
         loss_rows, lse_rows, reduce_buf,
@@ -356,8 +349,9 @@ def launch_fwd_bwd(logits3, grad3, target_v, weight, loss_rows, lse_rows, reduce
         ignore_index, sm_hi, sm_lo, zl_hi, zl_lo, sc_hi, sc_lo,
         int(weight is not None), int(softcap is not None), int(write_grad),
         PROB_TARGET=prob_target, IS_FP64=dtype == torch.float64, LARGE_OFFSETS=large,
-        BLOCK_V=block_v, SINGLE_BLOCK=single, num_warps=fwd_bwd_num_warps(block_v, single),
-        enable_fp_fusion=FP_FUSION,
+        BLOCK_V=block_v, SINGLE_BLOCK=single,
+        num_warps=fwd_bwd_num_warps(block_v, single, dtype == torch.float64),
+        enable_fp_fusion=FP_FUSION, **extra,
     )
 
 
@@ -510,10 +504,12 @@ def plan_cross_entropy(n_rows: int, n_classes: int, dtype: torch.dtype, *,
         n_chunks = triton.cdiv(n_classes, chunk)
         grid = split_grid(n_rows, n_chunks, device)
         kernels.append(("cross_entropy_split_kernel", (grid,), {
-            "CHUNK": chunk, "MAX_CHUNKS": split_max_chunks(n_chunks),
+            "CHUNK": chunk, "MAX_CHUNKS": split_max_chunks(dtype, prob_target),
             "HAS_WEIGHT": has_weight, "HAS_SMOOTHING": smoothing and not prob_target,
             "PROB_TARGET": prob_target, "num_warps": SPLIT_NUM_WARPS,
-            "launch_cooperative_grid": True}))
+            # (the interpreter has no cooperative launch; the launcher passes it on CUDA)
+            **({"launch_cooperative_grid": True}
+               if device is None or device.type == "cuda" else {})}))
         # Published partials: n_chunks x 4 values per row written (L2-resident).
         per_row += n_chunks * 4 * acc_size
         logit_passes = 1
@@ -522,7 +518,7 @@ def plan_cross_entropy(n_rows: int, n_classes: int, dtype: torch.dtype, *,
         grid = n_rows if single else two_pass_grid(n_rows, device)
         kernels.append(("cross_entropy_fwd_bwd_kernel", (grid,), {
             "BLOCK_V": block_v, "SINGLE_BLOCK": single, "PROB_TARGET": prob_target,
-            "num_warps": fwd_bwd_num_warps(block_v, single)}))
+            "num_warps": fwd_bwd_num_warps(block_v, single, dtype == torch.float64)}))
         logit_passes = 1 if single or not write_grad else 2
     per_logit = float(logit_passes) + (1.0 if write_grad else 0.0)
     if prob_target:
@@ -606,8 +602,10 @@ def static_configs() -> list[KernelConfig]:
                             f"{'single' if single else 'loop'},{'prob' if prob else 'index'}"
                             f"{',int64' if large else ''}]")
                     configs.append(KernelConfig(
-                        name, fused, sig, constexprs, fwd_bwd_num_warps(block_v, single),
+                        name, fused, sig, constexprs,
+                        fwd_bwd_num_warps(block_v, single, dtype == torch.float64),
                         aligned=_ALIGNED_ARGS,
+                        maxnreg=None if single else TWO_PASS_MAX_REGISTERS,
                     ))
         for block_v in sorted({scale_block_v(1), scale_block_v(MEDIUM_BLOCK_V)}):
             for per_row in (False, True):
@@ -708,7 +706,8 @@ def _split_configs(dtype, ty, acc) -> list[KernelConfig]:
             constexprs = {"logit_stride_class": 1, "grad_stride_class": 1, "PROB_TARGET": prob,
                           "IS_FP64": dtype == torch.float64, "LARGE_OFFSETS": large,
                           "HAS_WEIGHT": weighted, "HAS_SMOOTHING": smooth,
-                          "CHUNK": split_chunk(dtype, prob), "MAX_CHUNKS": MAX_SPLIT_CHUNKS}
+                          "CHUNK": split_chunk(dtype, prob),
+                          "MAX_CHUNKS": split_max_chunks(dtype, prob)}
             if prob:
                 constexprs["target_stride_class"] = 1
             name = (f"ce_split[{ty},CHUNK={split_chunk(dtype, prob)},"

@@ -26,6 +26,7 @@ import torch.distributed as dist
 
 from . import _alloc
 from . import _ce_launch as launch
+from ._ce_grad import _scaled_grad
 from ._runtime import acc_dtype, device_guard, host_reads_free
 
 
@@ -171,8 +172,6 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
-        from .cross_entropy import _scaled_grad
-
         if grad_loss is None:
             return (None,) * 10
         return (_scaled_grad(ctx, grad_loss),) + (None,) * 9

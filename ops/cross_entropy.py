@@ -27,8 +27,10 @@ from torch import Tensor
 from . import _alloc
 from . import _ce_launch as launch
 from . import _ce_prep as prep
+from ._ce_grad import _rescale_in_place, _scaled_grad
 from ._ce_validate import split_divisor, validate
 from ._runtime import acc_dtype, device_guard, host_reads_free, split_f64
+from ._vocab_parallel import vocab_parallel_cross_entropy
 
 
 def _loss_shape(input: Tensor, prob_target: bool, target: Tensor) -> list[int]:
@@ -245,21 +247,6 @@ def _(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, s
     return input.new_empty(shape)
 
 
-def _rescale_in_place(grad: Tensor, grad_output: Tensor, rows_geometry=None) -> None:
-    """grad *= grad_output; rows_geometry: (shape, stride) of grad as rows, when known."""
-    if rows_geometry is not None:
-        grad3 = grad.as_strided(*rows_geometry)
-    else:
-        grad3 = launch.rows_view(grad, class_dim=True)
-    go = grad_output
-    if go.dim() > 0:
-        # (N, d1..dk) -> (N, S): a view when the strides allow, else an O(rows) copy
-        # (autograd may hand over e.g. an expanded tensor with strides (4, 0, 1)).
-        go = go.reshape(grad3.shape[0], grad3.shape[1])
-    with _guard(grad):
-        launch.launch_scale_grad(grad3, go)
-
-
 @torch.library.custom_op("fusedgrad::cross_entropy_bwd_", mutates_args=("grad",))
 def cross_entropy_bwd_(grad: Tensor, grad_output: Tensor) -> None:
     """grad *= grad_output in place (grad_output: 0-dim, or the per-row loss shape)."""
@@ -269,38 +256,6 @@ def cross_entropy_bwd_(grad: Tensor, grad_output: Tensor) -> None:
 @cross_entropy_bwd_.register_fake
 def _(grad, grad_output):
     return None
-
-
-def _scaled_grad(ctx, grad_output: Tensor) -> Tensor:
-    """dL/dinput = (saved gradient for grad_output 1) * grad_output.
-
-    The first backward scales the saved buffer in place (nothing at all is read or
-    written where grad_output == 1) and returns it: no new N x V buffer, and the
-    buffer is saved with save_for_backward so autograd frees it right after a
-    backward that does not retain the graph. A further backward through a retained
-    graph (gradcheck does this) finds the buffer holding G * applied and returns a
-    new tensor G * applied * (grad_output / applied); an earlier grad_output of
-    exactly 0 cannot be undone and gives NaN, never a plausible number.
-    """
-    (grad,) = ctx.saved_tensors
-    if grad_output.dtype != grad.dtype:
-        grad_output = grad_output.to(grad.dtype)
-    if ctx.applied_grad_output is None:
-        ctx.applied_grad_output = grad_output
-        if type(grad) is torch.Tensor:
-            # Eager: launch directly. Through the custom op the declared mutation would
-            # bump the buffer's version and a retained graph's second backward would then
-            # refuse to unpack it; nothing else holds this buffer.
-            _rescale_in_place(grad, grad_output, getattr(ctx, "grad_rows_geometry", None))
-        else:
-            # Traced by torch.compile (fake/functional tensors): the op, so the
-            # mutation is visible to functionalization.
-            torch.ops.fusedgrad.cross_entropy_bwd_(grad, grad_output)
-        return grad
-    ratio = grad_output / ctx.applied_grad_output
-    if ratio.dim() > 0 and grad.dim() > 1:
-        ratio = ratio.unsqueeze(1)  # per-row factor broadcast over the class dim
-    return grad * ratio
 
 
 def _setup_context(ctx, inputs, output):
@@ -428,8 +383,6 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None,
                          "`input`, a leaf tensor that requires grad; pass a non-leaf (e.g. "
                          "the output of the layer that produced the logits)")
     if process_group is not None:
-        from ._vocab_parallel import vocab_parallel_cross_entropy
-
         loss = vocab_parallel_cross_entropy(input, target, weight, ignore_index, reduction,
                                             label_smoothing, z_loss, softcap, inplace_backward,
                                             process_group)

@@ -129,6 +129,7 @@ def test_inplace_backward(monkeypatch, path):
     assert_close(base.grad, ref_grad, torch.float32, "grad")
 
 
+@pytest.mark.compat
 def test_reruns_bitwise_identical(monkeypatch):
     # Fixed merge orders: reruns agree bit for bit (the split kernel's sync flags were
     # reset by the kernel itself between the calls); the two paths agree to rounding.
@@ -198,6 +199,7 @@ def test_choose_path_defaults():
     for v in (16385, 32000, 50257, 128256, 151936, 256000):
         assert launch.choose_path(8192, v, torch.bfloat16, False) == "split", v
     assert launch.choose_path(8192, 262145, torch.bfloat16, False) == "two_pass"
+    assert launch.choose_path(8192, 256000, torch.float32, False) == "split"  # 63 x 4096
     # Few rows x huge vocabulary fills the GPU: at 64 x 256000 the grid is as large as
     # the GPU holds in whole groups (every SM busy); the programs loop over the rows.
     n_chunks = launch.split_chunks(256000, torch.bfloat16, False)
@@ -214,7 +216,7 @@ def test_plan_bytes_and_launches():
         assert plan.path == "split" and plan.bytes_per_logit_fwd_bwd == 2.0
         assert plan.launches_fwd + plan.launches_bwd_go1 <= 2
         assert plan.hbm_bytes(2) < 2.01 * 8192 * v * 2
-    assert launch.plan_cross_entropy(8192, 262145, torch.bfloat16).bytes_per_logit_fwd_bwd == 3.0
+    assert launch.plan_cross_entropy(8192, 600000, torch.bfloat16).bytes_per_logit_fwd_bwd == 3.0
     assert launch.plan_cross_entropy(8192, 4096, torch.bfloat16).path == "single"
 
 
@@ -224,7 +226,7 @@ def test_plan_bytes_and_launches():
     32000,
     pytest.param(50257, marks=pytest.mark.slow),
     pytest.param(128256, marks=pytest.mark.slow),
-    pytest.param(256000, marks=pytest.mark.slow),  # 32 members: the most the split covers
+    pytest.param(256000, marks=pytest.mark.slow),  # 32 members of 8192
     pytest.param(262145, marks=pytest.mark.slow),  # past the split path: two-pass
 ])
 def test_llm_vocabularies(n_classes):
@@ -241,3 +243,26 @@ def test_llm_vocabularies_two_pass(monkeypatch, n_classes):
     x = logits((1, n_classes), torch.bfloat16)
     t = torch.randint(0, n_classes, (1,), device=DEVICE)
     check(x, t, dtype=torch.bfloat16, z_loss=1e-4)
+
+
+def test_streaming_passes_written_once():
+    # The fused two-pass path and the vocab-parallel shard kernels run the same row
+    # passes (one copy of the streaming code), and the op modules do not import each
+    # other (the vocab-parallel op takes the shared backward from ops/_ce_grad.py).
+    import ast
+    import inspect
+
+    from fusedgrad import _vocab_parallel
+    from fusedgrad.kernels import cross_entropy as k
+
+    def calls(kernel):
+        tree = ast.parse(inspect.getsource(getattr(kernel, "fn", kernel)))
+        return {n.func.id for n in ast.walk(tree)
+                if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)}
+
+    assert {"_row_stats_pass", "_row_grad_pass"} <= calls(k.cross_entropy_fwd_bwd_kernel)
+    assert "_row_stats_pass" in calls(k.cross_entropy_shard_stats_kernel)
+    assert "_row_grad_pass" in calls(k.cross_entropy_shard_grad_kernel)
+    imported = {n.module for n in ast.walk(ast.parse(inspect.getsource(_vocab_parallel)))
+                if isinstance(n, ast.ImportFrom)}
+    assert "cross_entropy" not in imported

@@ -1,0 +1,65 @@
+"""The cross-entropy backward shared by the single-device op (ops/cross_entropy.py)
+and the vocab-parallel one (ops/_vocab_parallel.py): the forward saved dL/dlogits for
+grad_output == 1; backward rescales it in place (free when grad_output is 1).
+
+Its own module so that neither op module imports the other (no import circle).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import Tensor
+
+from . import _ce_launch as launch
+from ._runtime import device_guard
+
+_NO_GUARD = contextlib.nullcontext()
+
+
+def _rescale_in_place(grad: Tensor, grad_output: Tensor, rows_geometry=None) -> None:
+    """grad *= grad_output; rows_geometry: (shape, stride) of grad as rows, when known."""
+    if rows_geometry is not None:
+        grad3 = grad.as_strided(*rows_geometry)
+    else:
+        grad3 = launch.rows_view(grad, class_dim=True)
+    go = grad_output
+    if go.dim() > 0:
+        # (N, d1..dk) -> (N, S): a view when the strides allow, else an O(rows) copy
+        # (autograd may hand over e.g. an expanded tensor with strides (4, 0, 1)).
+        go = go.reshape(grad3.shape[0], grad3.shape[1])
+    with device_guard(grad) if grad.is_cuda else _NO_GUARD:
+        launch.launch_scale_grad(grad3, go)
+
+
+def _scaled_grad(ctx, grad_output: Tensor) -> Tensor:
+    """dL/dinput = (saved gradient for grad_output 1) * grad_output.
+
+    The first backward scales the saved buffer in place (nothing at all is read or
+    written where grad_output == 1) and returns it: no new N x V buffer, and the
+    buffer is saved with save_for_backward so autograd frees it right after a
+    backward that does not retain the graph. A further backward through a retained
+    graph (gradcheck does this) finds the buffer holding G * applied and returns a
+    new tensor G * applied * (grad_output / applied); an earlier grad_output of
+    exactly 0 cannot be undone and gives NaN, never a plausible number.
+    """
+    (grad,) = ctx.saved_tensors
+    if grad_output.dtype != grad.dtype:
+        grad_output = grad_output.to(grad.dtype)
+    if ctx.applied_grad_output is None:
+        ctx.applied_grad_output = grad_output
+        if type(grad) is torch.Tensor:
+            # Eager: launch directly. Through the custom op the declared mutation would
+            # bump the buffer's version and a retained graph's second backward would then
+            # refuse to unpack it; nothing else holds this buffer.
+            _rescale_in_place(grad, grad_output, getattr(ctx, "grad_rows_geometry", None))
+        else:
+            # Traced by torch.compile (fake/functional tensors): the op, so the
+            # mutation is visible to functionalization.
+            torch.ops.fusedgrad.cross_entropy_bwd_(grad, grad_output)
+        return grad
+    ratio = grad_output / ctx.applied_grad_output
+    if ratio.dim() > 0 and grad.dim() > 1:
+        ratio = ratio.unsqueeze(1)  # per-row factor broadcast over the class dim
+    return grad * ratio
