@@ -276,8 +276,8 @@ def launch_split(logits3, grad3, target_v, weight, loss_rows, lse_rows, reduce_b
     cuda = device.type == "cuda"
     # Cooperative: the driver refuses the launch rather than run a grid that is not
     # co-resident (the grid never exceeds split_capacity, so it never refuses).
-    extra = {"launch_cooperative_grid": True, "enable_fp_fusion": FP_FUSION} if cuda else {}
-    if cuda and SPLIT_MAX_REGISTERS:
+    extra = {"launch_cooperative_grid": True} if cuda else {}
+    if SPLIT_MAX_REGISTERS:
         extra["maxnreg"] = SPLIT_MAX_REGISTERS
     ce_kernels.cross_entropy_split_kernel[(grid,)](
         logits3, grad3, target_v, weight if weight is not None else reduce_buf,
@@ -290,7 +290,7 @@ def launch_split(logits3, grad3, target_v, weight, loss_rows, lse_rows, reduce_b
         LARGE_OFFSETS=needs_large_offsets(logits3, grad3, target_v),
         HAS_WEIGHT=weight is not None, HAS_SMOOTHING=label_smoothing != 0.0 and not prob_target,
         CHUNK=chunk, MAX_CHUNKS=max_chunks, num_warps=SPLIT_NUM_WARPS,
-        **extra,
+        enable_fp_fusion=FP_FUSION, **extra,
     )
     return partials, sync
 
