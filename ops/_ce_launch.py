@@ -341,6 +341,10 @@ def launch_fwd_bwd(logits3, grad3, target_v, weight, loss_rows, lse_rows, reduce
     large = needs_large_offsets(logits3, grad3, target_v)
     grid = n_rows if single else two_pass_grid(n_rows, logits3.device)
     extra = {} if single else {"maxnreg": TWO_PASS_MAX_REGISTERS}
+    # num_stages=1: the persistent row loop must not be software-pipelined (prefetching
+    # the next row doubles the registers a row on chip needs; 16-bit probability rows of
+    # 8192 spill at Triton's default 3 stages on sm_90).
+    extra["num_stages"] = 1
     ce_kernels.cross_entropy_fwd_bwd_kernel[(grid,)](
         logits3, grad3, target_v, weight if weight is not None else reduce_buf,
         loss_rows, lse_rows, reduce_buf,
