@@ -60,10 +60,9 @@ def launcher_plan(n_rows: int, n_classes: int, dtype: str, mode: str, device=Non
     launcher's model GPU; tests pass the device they run on)."""
     from fusedgrad import _ce_launch as launch
 
-    plan_fn = getattr(launch, "plan_cross_entropy", None) or _provisional_plan
-    return plan_fn(n_rows, n_classes, _torch_dtype(dtype), prob_target=False,
-                   write_grad=mode == "fwd+bwd", has_weight=False, smoothing=False,
-                   device=device)
+    return launch.plan_cross_entropy(n_rows, n_classes, _torch_dtype(dtype), prob_target=False,
+                                     write_grad=mode == "fwd+bwd", has_weight=False,
+                                     smoothing=False, device=device)
 
 
 def call_plan(n_rows: int, n_classes: int, dtype: str, mode: str,
@@ -87,43 +86,6 @@ def fused_hbm_bytes(n_rows: int, n_classes: int, dtype: str, mode: str,
     small = 2 * n_rows * TARGET_BYTES + 3 * n_rows * LOSS_BYTES
     rescale = 0 if grad_output_one or mode != "fwd+bwd" else 2 * n_rows * n_classes
     return plan.hbm_bytes(_elem_size(dtype)) + rescale * _elem_size(dtype) + small
-
-
-# ---- the launcher's plan where it has none yet (the logic of today's launcher) ----------
-
-@dataclasses.dataclass
-class _ProvisionalPlan:
-    path: str
-    kernels: list
-    launches_fwd: int
-    launches_bwd_go1: int
-    bytes_per_logit_fwd_bwd: float
-    n_rows: int
-    n_classes: int
-
-    def hbm_bytes(self, elem_size: int) -> int:
-        return round(self.bytes_per_logit_fwd_bwd * self.n_rows * self.n_classes * elem_size)
-
-
-def _provisional_plan(n_rows, n_classes, dtype, *, prob_target=False, write_grad=True,
-                      has_weight=False, smoothing=False, device=None):
-    """Built from the launcher's own decision functions, for checkouts whose launcher has
-    no plan_cross_entropy yet."""
-    from fusedgrad import _ce_launch as launch
-
-    block_v, single = launch.fused_block_v(n_classes, dtype, prob_target)
-    warps = launch.fwd_bwd_num_warps(block_v, single)
-    kernels = [("cross_entropy_fwd_bwd_kernel", (n_rows,),
-                {"BLOCK_V": block_v, "SINGLE_BLOCK": single, "num_warps": warps})]
-    scale_block = launch.scale_block_v(n_classes)
-    if write_grad:
-        kernels.append(("scale_grad_kernel", (n_rows, -(-n_classes // scale_block)),
-                        {"BLOCK_V": scale_block,
-                         "num_warps": launch.scale_num_warps(scale_block)}))
-    reads = 1 if single or not write_grad else 2
-    per_logit = reads + (1 if write_grad else 0) + (reads if prob_target else 0)
-    return _ProvisionalPlan("single" if single else "two_pass", kernels, 1,
-                            1 if write_grad else 0, float(per_logit), n_rows, n_classes)
 
 
 # ---- command line ------------------------------------------------------------------------
