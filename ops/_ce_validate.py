@@ -79,13 +79,19 @@ def validate(input, target, weight, ignore_index, reduction, label_smoothing, z_
     if not isinstance(label_smoothing, numbers.Real) or not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(_err(f"`label_smoothing` must be a float in [0, 1], got "
                               f"{label_smoothing!r}"))
-    if not isinstance(z_loss, numbers.Real) or not math.isfinite(z_loss) or z_loss < 0:
+    if not isinstance(z_loss, numbers.Real) or not _finite(z_loss) or z_loss < 0:
         raise ValueError(_err(f"`z_loss` must be a finite float >= 0, got {z_loss!r}"))
     if softcap is not None and (not isinstance(softcap, numbers.Real)
-                                or not math.isfinite(softcap) or softcap <= 0):
+                                or not _finite(softcap) or softcap <= 0):
         raise ValueError(_err(f"`softcap` must be None or a finite float > 0, got {softcap!r}"))
     if not isinstance(inplace_backward, bool):
         raise TypeError(_err("`inplace_backward` must be a bool"))
+
+
+def _finite(value) -> bool:
+    """math.isfinite for a number that may be symbolic (a SymFloat under
+    torch.compile(dynamic=True), which math.isfinite cannot trace): NaN and +-inf fail."""
+    return abs(value) < math.inf
 
 
 def split_divisor(divisor, reduction, device, op="fusedgrad.cross_entropy"):
@@ -118,6 +124,6 @@ def split_divisor(divisor, reduction, device, op="fusedgrad.cross_entropy"):
     if isinstance(divisor, bool) or not isinstance(divisor, numbers.Real):
         raise TypeError(f"{op}: `divisor` must be None, a number or a 0-dim tensor, got "
                         f"{type(divisor).__name__}")
-    if not math.isfinite(divisor) or divisor == 0:
+    if not _finite(divisor) or divisor == 0:
         raise ValueError(f"{op}: `divisor` must be a finite nonzero number, got {divisor!r}")
     return None, float(divisor)
