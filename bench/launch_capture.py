@@ -60,6 +60,9 @@ def _ce_calls(torch, fg) -> Iterator[tuple[str, Callable]]:
                     fg.cross_entropy(x.detach(), t, label_smoothing=0.1)
                     fg.cross_entropy(x.detach(), t, weight=w, label_smoothing=0.1,
                                      z_loss=1e-4, softcap=30.0)
+                    if prob:  # the probability-target gradient kernel (target.requires_grad)
+                        fg.cross_entropy(x.detach(), t.clone().requires_grad_(), weight=w,
+                                         softcap=30.0).backward()
                 yield f"ce {dtype} V={vocab} prob={prob}", call
 
     def features(dtype):

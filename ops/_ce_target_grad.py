@@ -1,9 +1,15 @@
-"""Cross-entropy with a probability target that requires grad: dL/dtarget as torch has it.
+"""Cross-entropy with a probability target that requires grad (dL/dtarget as torch has it),
+and cross-entropy under autocast (a float32 loss).
 
 The common path (ops/cross_entropy.py) never comes here: only a floating ``target`` with
 ``requires_grad`` under grad mode does (distillation through soft labels, torch's OpInfo
-samples). Forward is the usual fused kernel, which also keeps the per-row log-sum-exp;
-backward rescales the saved input gradient as usual and, for the target, runs one small
+samples), or half-precision logits under ``torch.autocast``, where torch's autocast runs
+cross-entropy in float32 and returns a float32 loss: here the half logits are read as they
+are (the kernels compute in float32 anyway) and only the loss is written in float32; the
+input gradient stays in the logits' dtype, as autocast's cast back gives.
+
+Forward is the usual fused kernel, which also keeps the per-row log-sum-exp; backward
+rescales the saved input gradient as usual and, for the target, runs one small
 kernel (kernels/ce_target_grad.py) over the saved logits and lse:
 
     dL/dy_c = grad_output_row * (1 / divisor) * -(1 - eps) * w_c * (z_c - lse_row)
@@ -74,23 +80,25 @@ def _n_rows(input: Tensor, target: Tensor):
 def cross_entropy_fwd_lse(input: Tensor, target: Tensor, weight: Tensor | None,
                           ignore_index: int, reduction: str, label_smoothing: float,
                           z_loss: float, softcap: float | None, compute_grad: bool,
-                          divisor: Tensor | None = None,
-                          divisor_value: float | None = None) -> tuple[Tensor, Tensor, Tensor]:
+                          divisor: Tensor | None = None, divisor_value: float | None = None,
+                          loss_fp32: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """(loss, grad, lse): cross_entropy_fwd plus the per-row log-sum-exp (n_rows,) in the
-    accumulation dtype, which the target gradient needs."""
+    accumulation dtype, which the target gradient needs; loss_fp32: the loss in float32."""
     grad = _alloc.empty_like(input) if compute_grad else input.new_empty(0)
     lse = []
     loss = ce._forward_into(input, target, weight, grad if compute_grad else None,
                             ignore_index, reduction, label_smoothing, z_loss, softcap,
-                            divisor, divisor_value, lse_out=lse)
+                            divisor, divisor_value, lse_out=lse,
+                            loss_dtype=torch.float32 if loss_fp32 else None)
     return loss, grad, lse[0]
 
 
 @cross_entropy_fwd_lse.register_fake
 def _(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
-      compute_grad, divisor=None, divisor_value=None):
-    shape = ce._loss_shape(input, True, target) if reduction == "none" else []
-    loss = input.new_empty(shape)
+      compute_grad, divisor=None, divisor_value=None, loss_fp32=False):
+    prob = target.is_floating_point()
+    shape = ce._loss_shape(input, prob, target) if reduction == "none" else []
+    loss = input.new_empty(shape, dtype=torch.float32 if loss_fp32 else input.dtype)
     grad = torch.empty_like(input) if compute_grad else input.new_empty(0)
     lse = input.new_empty((_n_rows(input, target),), dtype=acc_dtype(input.dtype))
     return loss, grad, lse
@@ -115,7 +123,7 @@ def _(input, target, lse, weight, coef, softcap):
 
 def _setup_context(ctx, inputs, output):
     (input, target, weight, _ii, reduction, label_smoothing, _zl, softcap, _cg, divisor,
-     divisor_value) = inputs
+     divisor_value, _fp32) = inputs
     _, grad, lse = output
     ctx.mark_non_differentiable(grad, lse)
     ctx.reduction = reduction
@@ -123,21 +131,36 @@ def _setup_context(ctx, inputs, output):
     ctx.softcap = softcap
     ctx.divisor_value = divisor_value
     ctx.has_divisor = divisor is not None
+    ctx.applied_grad_output = None
     ctx.save_for_backward(input, target, weight, grad, lse, divisor)
 
 
+def _input_grad(ctx, grad: Tensor, grad_output: Tensor) -> Tensor:
+    """The saved input gradient times grad_output, in place the first time (free where
+    grad_output is 1), as ops/cross_entropy.py's _scaled_grad does."""
+    grad_output = grad_output.to(grad.dtype)
+    if ctx.applied_grad_output is None:
+        ctx.applied_grad_output = grad_output
+        if type(grad) is torch.Tensor:
+            ce._rescale_in_place(grad, grad_output)
+        else:  # traced: the op, so functionalization sees the mutation
+            torch.ops.fusedgrad.cross_entropy_bwd_(grad, grad_output)
+        return grad
+    ratio = grad_output / ctx.applied_grad_output  # a further backward (retained graph)
+    if ratio.dim() > 0 and grad.dim() > 1:
+        ratio = ratio.unsqueeze(1)
+    return grad * ratio
+
+
 def _backward(ctx, grad_loss, _grad_grad, _grad_lse):
-    none = (None,) * 11
+    none = (None,) * 12
     if grad_loss is None:
         return none
     input, target, weight, grad, lse, divisor = ctx.saved_tensors
     grad_input = grad_target = None
     if ctx.needs_input_grad[0]:
-        go = grad_loss.to(grad.dtype)
-        if go.dim() > 0 and input.dim() > 1:
-            go = go.unsqueeze(1)  # per-row factor broadcast over the class dim
-        grad_input = grad * go
-    if ctx.needs_input_grad[1]:
+        grad_input = _input_grad(ctx, grad, grad_loss)
+    if ctx.needs_input_grad[1] and target.is_floating_point():
         # One coefficient per row (or one for all): -(1 - eps) * grad_output / divisor.
         coef = grad_loss.to(lse.dtype) * -ctx.keep
         if ctx.reduction == "mean":
@@ -158,15 +181,21 @@ cross_entropy_fwd_lse.register_autograd(_backward, setup_context=_setup_context)
 def cross_entropy_with_target_grad(input, target, weight, ignore_index, reduction,
                                    label_smoothing, z_loss, softcap, divisor, divisor_value,
                                    process_group) -> Tensor:
-    """fg.cross_entropy when a probability ``target`` requires grad (arguments checked)."""
+    """fg.cross_entropy when a probability ``target`` requires grad or under autocast
+    (arguments checked)."""
     if process_group is not None:
         raise ValueError("fusedgrad.cross_entropy: gradients with respect to a probability "
                          "`target` are not supported with process_group (vocab-parallel); "
                          "pass target.detach()")
-    needs_grad = input.requires_grad
-    loss, _, _ = torch.ops.fusedgrad.cross_entropy_fwd_lse(
-        input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
-        needs_grad, divisor, divisor_value)
+    needs_grad = input.requires_grad and torch.is_grad_enabled()
+    loss_fp32 = (input.dtype in (torch.float16, torch.bfloat16)
+                 and torch.is_autocast_enabled(input.device.type))
+    # The op runs without autocast: it must not cast the logits (that copy is what this
+    # path avoids); its loss is float32 by loss_fp32.
+    with torch.autocast(input.device.type, enabled=False):
+        loss, _, _ = torch.ops.fusedgrad.cross_entropy_fwd_lse(
+            input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
+            needs_grad, divisor, divisor_value, loss_fp32)
     return loss
 
 

@@ -144,7 +144,7 @@ def _forward_into(input: Tensor, target: Tensor, weight: Tensor | None, grad: Te
                   softcap: float | None, divisor: Tensor | None = None,
                   divisor_value: float | None = None, *, plan: _Plan | None = None,
                   rows_geometry_out: list | None = None,
-                  lse_out: list | None = None) -> Tensor:
+                  lse_out: list | None = None, loss_dtype: torch.dtype | None = None) -> Tensor:
     """Run the prep, fused and finishing kernels; returns the reduced (or per-row) loss in
     input's dtype. Three launches (two with reduction="none"), no other device op in the
     common case, and no host synchronisation.
@@ -197,9 +197,10 @@ def _forward_into(input: Tensor, target: Tensor, weight: Tensor | None, grad: Te
             softcap=softcap, prob_target=plan.prob_target, write_grad=grad is not None)
         if lse_out is not None:  # the target-gradient path keeps the per-row lse
             lse_out.append(lse_rows)
+        loss_dtype = loss_dtype or input.dtype  # float32 under autocast (_ce_target_grad)
         if reduction == "none":
-            return loss_rows.view(plan.loss_shape).to(input.dtype)
-        out = _alloc.empty((), dtype=input.dtype, device=device)
+            return loss_rows.view(plan.loss_shape).to(loss_dtype)
+        out = _alloc.empty((), dtype=loss_dtype, device=device)
         prep.launch_finish(loss_rows, reduce_buf, out, plan.n_rows)
     return out
 
@@ -371,9 +372,12 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None,
         raise ValueError("fusedgrad.cross_entropy: gradients with respect to `weight` are not "
                          "supported (torch does not compute them either); pass "
                          "weight.detach()")
-    if grad_mode and target.requires_grad and target.is_floating_point():
-        # Probability targets that require grad (rare): their own op, so the common path
-        # stays as it is. inplace_backward does not apply (the logits are kept for dL/dy).
+    if (grad_mode and target.requires_grad and target.is_floating_point()) or (
+            input.dtype in _HALF and process_group is None
+            and torch.is_autocast_enabled(input.device.type)):
+        # Probability targets that require grad, or autocast (a float32 loss, as torch's
+        # autocast gives, from the half logits as they are): their own op, so the common
+        # path stays as it is. inplace_backward does not apply there.
         return cross_entropy_with_target_grad(input, target, weight, ignore_index, reduction,
                                               label_smoothing, z_loss, softcap, divisor,
                                               divisor_value, process_group)
@@ -533,5 +537,6 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
                 f"inplace_backward={self.inplace_backward}")
 
 
+_HALF = (torch.float16, torch.bfloat16)
 # The probability-target-gradient ops (registered at import, never inside a traced call).
 from ._ce_target_grad import cross_entropy_with_target_grad  # noqa: E402

@@ -3,6 +3,7 @@ fullgraph=True for every op, and autocast behaviour like torch's ops."""
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import fusedgrad as fg
 
@@ -94,3 +95,70 @@ def test_batch_norm_module_dynamic(device):
             out = compiled(x)
         assert_close(out, want, torch.float32, f"output (batch {n})")
     assert_close(m.running_var, ref.running_var, torch.float32, "running_var")
+
+
+# ---------------------------------------------------------------- autocast
+
+@pytest.mark.compat
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("prob", [False, True])
+def test_cross_entropy_autocast_float32_loss(device, reduction, prob, monkeypatch):
+    # torch's autocast runs cross-entropy in float32: a float32 loss. fusedgrad gives the
+    # same without copying the logits to float32 (no bf16 -> fp32 copy of the logits).
+    x = torch.randn(6, 50, device=device).to(torch.bfloat16).requires_grad_()
+    t = (torch.softmax(torch.randn(6, 50, device=device), 1) if prob
+         else torch.randint(0, 50, (6,), device=device))
+    copies = []
+    orig_to = torch.Tensor.to
+
+    def spy_to(self, *a, **k):
+        out = orig_to(self, *a, **k)
+        if self is x and out.dtype == torch.float32:
+            copies.append(out.shape)
+        return out
+
+    with torch.autocast(device, dtype=torch.bfloat16):
+        ref = F.cross_entropy(x.detach().requires_grad_(), t, reduction=reduction)
+        monkeypatch.setattr(torch.Tensor, "to", spy_to)
+        loss = fg.cross_entropy(x, t, reduction=reduction)
+        monkeypatch.undo()
+    assert not copies, f"the logits were copied to float32: {copies}"
+    assert loss.dtype == ref.dtype == torch.float32
+    x64 = x.detach().double().requires_grad_()
+    want = F.cross_entropy(x64, t.double() if prob else t, reduction=reduction)
+    assert_close(loss, want, torch.float32, "loss")
+    go = torch.rand_like(loss)
+    (gx,) = torch.autograd.grad(loss, x, go)
+    (ref_gx,) = torch.autograd.grad(want, x64, go.double())
+    assert gx.dtype == torch.bfloat16
+    assert_close(gx, ref_gx, torch.bfloat16, "dlogits")
+
+
+def test_cross_entropy_autocast_compiled(device):
+    def step(x, t):
+        with torch.autocast(device, dtype=torch.bfloat16):
+            return fg.cross_entropy(x, t)
+
+    torch._dynamo.reset()
+    x = torch.randn(5, 9, device=device).to(torch.bfloat16).requires_grad_()
+    t = torch.randint(0, 9, (5,), device=device)
+    loss = torch.compile(step, fullgraph=True)(x, t)
+    assert loss.dtype == torch.float32
+    loss.backward()
+    x64 = x.detach().double().requires_grad_()
+    F.cross_entropy(x64, t).backward()
+    assert_close(x.grad, x64.grad, torch.bfloat16, "dlogits")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_batch_norm_autocast_like_torch(device, dtype):
+    # F.batch_norm has no autocast rule: the output keeps the input's dtype (half
+    # activations stay half, float32 stays float32), with float32 parameters.
+    x = torch.randn(4, 3, 5, device=device).to(dtype)
+    args = (torch.zeros(3, device=device), torch.ones(3, device=device),
+            torch.rand(3, device=device), torch.randn(3, device=device))
+    with torch.autocast(device, dtype=torch.bfloat16):
+        ref = F.batch_norm(x, *[a.clone() for a in args], training=True)
+        out = fg.batch_norm(x, *[a.clone() for a in args], training=True)
+    assert out.dtype == ref.dtype == dtype
+    assert_close(out, ref.double(), dtype, "output", factor=2.0)
