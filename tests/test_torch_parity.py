@@ -70,11 +70,17 @@ def _run(fn, args, kwargs, seed=0):
         return None, exc
 
 
-def _same(a, b, dtype, what):
+def _same(a, b, dtype, what, scale=0.0):
+    """a matches torch's b: ||a - b|| <= TOL * max(||b||, scale). ``scale`` (gradients: the
+    norm of grad_output) keeps a gradient that cancels to ~0 in exact arithmetic (BatchNorm
+    over 2 values per channel) from being judged by its rounding noise alone."""
     assert a.shape == b.shape, f"{what}: shape {tuple(a.shape)} vs torch {tuple(b.shape)}"
     assert a.dtype == b.dtype, f"{what}: dtype {a.dtype} vs torch {b.dtype}"
     if a.numel():
         err = rel_err(a, b)
+        ref_norm = b.detach().double().norm().item()
+        if scale > ref_norm > 0:
+            err *= ref_norm / scale
         assert err <= TOL[dtype], f"{what}: relative error {err:.2e} vs torch"
 
 
@@ -91,12 +97,14 @@ def _compare(ours_fn, torch_fn, args, kwargs, dtype):
         return
     assert err is None, f"torch returned a result, fusedgrad raised {err!r}"
     _same(out, ref, dtype, "output")
+    go_norm = torch.randn(ref.shape, dtype=ref.dtype,
+                          generator=torch.Generator().manual_seed(0)).norm().item()
     for i, (a, r) in enumerate(zip(_leaves([ours_args, ours_kwargs]),
                                    _leaves([ref_args, ref_kwargs]), strict=True)):
         _same(a.detach(), r.detach(), dtype, f"argument {i} after the call")  # running stats
         if r.grad is not None or a.grad is not None:
             assert a.grad is not None and r.grad is not None, f"grad of argument {i}"
-            _same(a.grad, r.grad, dtype, f"grad of argument {i}")
+            _same(a.grad, r.grad, dtype, f"grad of argument {i}", scale=go_norm)
 
 
 def _op_cases():
