@@ -24,6 +24,18 @@ from .static_check import KernelConfig
 # targets keep a second row (y) live, fp64 doubles every value.
 MAX_SINGLE_BLOCK_V = {(False, False): 16384, (False, True): 8192,
                       (True, False): 4096, (True, True): 2048}  # (is_fp64, prob_target)
+
+
+def _triton_at_least(major: int, minor: int) -> bool:
+    parts = triton.__version__.split(".")
+    return (int(parts[0]), int(parts[1])) >= (major, minor)
+
+
+# Triton >= 3.9 needs a few more registers for the 16384-wide class-index row at 32 warps:
+# it spills 4-8 B (python -m bench static). There, rows above 8192 classes stream instead
+# (the two-pass path: one more read of the logits, no spill); 3.6-3.8 keep 16384.
+if _triton_at_least(3, 9):
+    MAX_SINGLE_BLOCK_V[(False, False)] = 8192
 # Chunk width of the two-pass (online logsumexp, then gradient) path for longer rows.
 LOOP_BLOCK_V = {(False, False): 4096, (False, True): 2048,
                 (True, False): 2048, (True, True): 1024}
