@@ -35,6 +35,12 @@ def _is_real(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def _finite(value) -> bool:
+    """math.isfinite for a number that may be symbolic (a SymFloat under
+    torch.compile(dynamic=True), which math.isfinite cannot trace): NaN and +-inf fail."""
+    return abs(value) < math.inf
+
+
 def validate(input, running_mean, running_var, weight, bias, training, momentum, eps,
              check_batch_size=True) -> None:
     """F.batch_norm's arguments (``momentum=None`` is the modules' cumulative average)."""
@@ -73,9 +79,9 @@ def validate(input, running_mean, running_var, weight, bias, training, momentum,
     if not training and running_mean is None:
         raise ValueError(_err("`running_mean` and `running_var` must be defined in "
                               "evaluation mode (training=False)"))
-    if momentum is not None and (not _is_real(momentum) or not math.isfinite(momentum)):
+    if momentum is not None and (not _is_real(momentum) or not _finite(momentum)):
         raise TypeError(_err(f"`momentum` must be a finite float or None, got {momentum!r}"))
-    if not _is_real(eps) or not math.isfinite(eps) or eps < 0:
+    if not _is_real(eps) or not _finite(eps) or eps < 0:
         raise ValueError(_err(f"`eps` must be a finite non-negative float, got {eps!r}"))
     if training and eps <= 0:
         raise ValueError(_err(f"`eps` must be positive during training, got {eps}"))
@@ -99,7 +105,7 @@ def validate_epilogue(input, activation, activation_param, residual, *, activati
         if activation != "leaky_relu":
             raise ValueError(_err(f"`activation_param` is leaky_relu's negative slope; "
                                   f"activation {activation!r} takes none"))
-        if not _is_real(activation_param) or not math.isfinite(activation_param):
+        if not _is_real(activation_param) or not _finite(activation_param):
             raise TypeError(_err(f"`activation_param` must be a finite float, got "
                                  f"{activation_param!r}"))
     param = 0.0
@@ -128,10 +134,10 @@ def validate_module_args(owner: str, num_features, eps, momentum) -> None:
             or num_features < 1:
         raise ValueError(_err(f"`num_features` must be a positive int, got {num_features!r}",
                               owner))
-    if not _is_real(eps) or not math.isfinite(eps) or eps < 0:
+    if not _is_real(eps) or not _finite(eps) or eps < 0:
         raise ValueError(_err(f"`eps` must be a finite non-negative float, got {eps!r}",
                               owner))
-    if momentum is not None and (not _is_real(momentum) or not math.isfinite(momentum)):
+    if momentum is not None and (not _is_real(momentum) or not _finite(momentum)):
         raise TypeError(_err(f"`momentum` must be a finite float or None, got {momentum!r}",
                              owner))
 
