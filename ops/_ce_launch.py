@@ -122,6 +122,17 @@ def fwd_bwd_num_warps(block_v: int, single_block: bool, is_fp64: bool = False) -
     return fused_num_warps(block_v)
 
 
+def fwd_bwd_max_registers(block_v: int, single_block: bool, is_fp64: bool = False) -> int | None:
+    """Register cap (maxnreg) of the fused kernel. The two-pass loop has its own cap. A
+    16-warp single block may use 65536 / 512 = 128 registers, but left alone ptxas settles
+    at 64 for 16-bit probability rows of 8192 and spills; other widths keep ptxas' choice."""
+    if not single_block:
+        return TWO_PASS_MAX_REGISTERS
+    if fwd_bwd_num_warps(block_v, single_block, is_fp64) == 16:
+        return 65536 // (16 * 32)
+    return None
+
+
 def scale_block_v(n_classes: int) -> int:
     return SMALL_BLOCK_V if n_classes <= SMALL_BLOCK_V else SCALE_BLOCK_V
 
@@ -352,7 +363,8 @@ def launch_fwd_bwd(logits3, grad3, target_v, weight, loss_rows, lse_rows, reduce
     sc_hi, sc_lo = split_f64(softcap if softcap is not None else 1.0)
     large = needs_large_offsets(logits3, grad3, target_v)
     grid = n_rows if single else two_pass_grid(n_rows, logits3.device)
-    extra = {} if single else {"maxnreg": TWO_PASS_MAX_REGISTERS}
+    max_registers = fwd_bwd_max_registers(block_v, single, dtype == torch.float64)
+    extra = {} if max_registers is None else {"maxnreg": max_registers}
     # num_stages=1: the persistent row loop must not be software-pipelined (prefetching
     # the next row doubles the registers a row on chip needs; 16-bit probability rows of
     # 8192 spill at Triton's default 3 stages on sm_90).
@@ -621,7 +633,8 @@ def static_configs() -> list[KernelConfig]:
                         name, fused, sig, constexprs,
                         fwd_bwd_num_warps(block_v, single, dtype == torch.float64),
                         aligned=_ALIGNED_ARGS,
-                        maxnreg=None if single else TWO_PASS_MAX_REGISTERS,
+                        maxnreg=fwd_bwd_max_registers(block_v, single,
+                                                      dtype == torch.float64),
                     ))
         for block_v in sorted({scale_block_v(1), scale_block_v(MEDIUM_BLOCK_V)}):
             for per_row in (False, True):
