@@ -134,14 +134,17 @@ def count_device_ops(fn) -> list[str]:
     return out
 
 
-def _median_us(fn, inputs_fn, reps: int) -> float:
-    times = []
+def _median_us(fns, inputs_fn, reps: int) -> list[float]:
+    """Median wall time of one call of each of ``fns``, their reps interleaved so that a
+    drift of the machine's speed (other processes, clock changes) reaches each alike."""
+    times = [[] for _ in fns]
     for _ in range(reps):
-        inputs = inputs_fn()
-        t0 = time.perf_counter()
-        fn(inputs)
-        times.append((time.perf_counter() - t0) * 1e6)
-    return statistics.median(times)
+        for fn, out in zip(fns, times, strict=True):
+            inputs = inputs_fn()
+            t0 = time.perf_counter()
+            fn(inputs)
+            out.append((time.perf_counter() - t0) * 1e6)
+    return [statistics.median(t) for t in times]
 
 
 @contextlib.contextmanager
@@ -166,9 +169,10 @@ def measure(case: HostCase, reps: int = 50) -> dict:
         n_launch = launches.count - n0
         inputs = case.make()
         other_ops = count_device_ops(lambda: case.fused(inputs))
-        fused_us = _median_us(case.fused, case.make, reps)
-    case.torch_ref(case.make())
-    torch_us = _median_us(case.torch_ref, case.make, reps)
+        # torch's op runs under the same context: it launches no Triton kernel and takes no
+        # fusedgrad branch, so it does the same work as outside it.
+        case.torch_ref(case.make())
+        fused_us, torch_us = _median_us((case.fused, case.torch_ref), case.make, reps)
     return {"case": case.name, "launches": n_launch, "other_ops": len(other_ops),
             "other_op_names": other_ops, "fused_us": fused_us, "torch_us": torch_us,
             "ratio": fused_us / torch_us if torch_us else float("inf")}

@@ -67,10 +67,36 @@ def _torch_add_relu(inp):
     F.relu(_call(F.batch_norm, inp, True) + inp["residual"]).sum().backward()
 
 
+_MODULES: dict = {}
+
+
+def _module(kind):
+    # One module of each kind, built once (construction is not what is timed).
+    if kind not in _MODULES:
+        import torch
+
+        import fusedgrad as fg
+
+        cls = fg.BatchNorm2d if kind == "fused" else torch.nn.BatchNorm2d
+        _MODULES[kind] = cls(SHAPE[1])
+    return _MODULES[kind]
+
+
+def _fused_module(inp):
+    _module("fused")(inp["x"]).sum().backward()
+
+
+def _torch_module(inp):
+    _module("torch")(inp["x"]).sum().backward()
+
+
 _S = "x".join(map(str, SHAPE))
 CASES = [
     HostCase(f"bn train fwd+bwd {_S}", _make, _fused_train, _torch_train),
     HostCase(f"bn eval fwd {_S}", _make, _fused_eval, _torch_eval),
     # The ResNet epilogue relu(bn(x) + shortcut): one fused op against three torch ops.
     HostCase(f"bn+add+relu train fwd+bwd {_S}", _make, _fused_add_relu, _torch_add_relu),
+    # The module's forward (fg.BatchNorm2d against nn.BatchNorm2d): num_batches_tracked is
+    # counted on the device by both.
+    HostCase(f"bn module train fwd+bwd {_S}", _make, _fused_module, _torch_module),
 ]

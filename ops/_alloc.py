@@ -28,6 +28,15 @@ def empty_like(t: torch.Tensor, **kwargs) -> torch.Tensor:
     return out
 
 
+def new_empty(like: torch.Tensor, shape) -> torch.Tensor:
+    """An uninitialised tensor of ``shape`` with ``like``'s dtype and device (cheaper on the
+    host than ``empty`` with keyword arguments)."""
+    out = like.new_empty(shape)
+    if _POISON:
+        _fill_poison(out)
+    return out
+
+
 def _fill_poison(t: torch.Tensor) -> None:
     if t.is_floating_point():
         t.fill_(float("nan"))

@@ -89,6 +89,18 @@ class Plan:
     block_s: int
     splits: int = 1  # programs per channel block in the reductions
     tiles_per_split: int = 1
+    # Per call-signature state of the ops built on this plan (ops/_bn_call.py), built on the
+    # first call with that signature; it lives and dies with this plan's cache entry.
+    calls: dict = dataclasses.field(default_factory=dict, init=False, compare=False,
+                                    repr=False)
+
+    def __hash__(self) -> int:
+        # Computed once: plans key the launch caches below, hashed on every launch.
+        return self._hash
+
+    @functools.cached_property
+    def _hash(self) -> int:
+        return hash(tuple(getattr(self, f.name) for f in dataclasses.fields(self) if f.compare))
 
     # Derived sizes, computed once per (cached) plan.
     @functools.cached_property
@@ -220,6 +232,12 @@ def match_layout(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 _PLANS: dict = {}
 
 
+def planned(x: torch.Tensor) -> Plan | None:
+    """The cached plan of ``x`` if one was made for exactly its (shape, strides, dtype,
+    device, target programs), else None: a dictionary lookup, for the ops' hot path."""
+    return _PLANS.get((x.shape, x.stride(), x.dtype, x.device, target_programs(x.device)))
+
+
 def make_plan(x: torch.Tensor) -> Plan:
     """Plan for a prepared (supported-layout) input, cached per (shape, strides, dtype,
     device, target programs): the layout analysis and the split choice run once per shape."""
@@ -312,28 +330,47 @@ def _stream_key(device: torch.device):
     return device.type
 
 
-def _tickets(device: torch.device, n: int) -> torch.Tensor:
+def _tickets(device: torch.device, n: int, stream=None) -> torch.Tensor:
     """Zeroed int32 counters for the reductions' last-program merge, one per channel block.
     Each launch leaves them zero again, so one buffer per (device, stream) serves every
-    launch in stream order (kept alive here: a CUDA graph replays with the same buffer)."""
-    key = _stream_key(device)
+    launch in stream order (kept alive here: a CUDA graph replays with the same buffer).
+    stream: _stream_key(device), if the caller has it."""
+    key = _stream_key(device) if stream is None else stream
     t = _TICKETS.get(key)
     if t is None or t.numel() < n:
         t = _TICKETS[key] = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
     return t
 
 
-def _workspace(device: torch.device, dtype: torch.dtype, n: int) -> torch.Tensor:
-    """Scratch for a reduction's split partials. They live only within one launch (its last
-    program merges them), so launches in stream order share one buffer per (device, stream,
-    dtype); it only grows. Under test poisoning a fresh NaN-filled buffer every time."""
+def _workspace(device: torch.device, dtype: torch.dtype, n: int, stream=None,
+               slot: str = "part") -> torch.Tensor:
+    """Scratch that lives only between launches in stream order: a reduction's split partials
+    (slot "part": its last program merges them) or the backward's sums (slot "sums": the next
+    launch reads them). Launches in stream order share one buffer per (device, stream, dtype,
+    slot); it only grows. Under test poisoning a fresh NaN-filled buffer every time."""
     if _alloc.poisoning():
         return _alloc.empty((n,), dtype=dtype, device=device)
-    key = (_stream_key(device), dtype)
+    key = (_stream_key(device) if stream is None else stream, dtype, slot)
     t = _WORKSPACES.get(key)
     if t is None or t.numel() < n:
         t = _WORKSPACES[key] = torch.empty(max(n, 4096), dtype=dtype, device=device)
     return t
+
+
+def reduction_scratch(device: torch.device, dtype: torch.dtype, n_parts: int,
+                      n_tickets: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(partials, tickets) of one split reduction launch."""
+    stream = _stream_key(device)
+    return _workspace(device, dtype, n_parts, stream), _tickets(device, n_tickets, stream)
+
+
+def backward_scratch(device: torch.device, dtype: torch.dtype, n_parts: int, n_tickets: int,
+                     n_sums: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(partials, tickets, sums) of the backward reduction when the next launch in stream
+    order (the input gradient) is the only reader of its sums."""
+    stream = _stream_key(device)
+    return (_workspace(device, dtype, n_parts, stream), _tickets(device, n_tickets, stream),
+            _workspace(device, dtype, n_sums, stream, slot="sums"))
 
 
 _NO_GUARD = contextlib.nullcontext()
@@ -358,6 +395,89 @@ def _meta(plan: Plan) -> dict:
                 num_stages=NUM_STAGES, enable_fp_fusion=FP_FUSION)
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class Launch:
+    """One kernel launch with everything but its tensor arguments decided, built once per
+    (plan, configuration) by the ``*_launch`` functions below: the kernel's name in
+    kernels/batch_norm.py (looked up at each launch, so that tests may wrap it), its grid,
+    the scalar arguments that follow the tensors, and the keyword arguments of Triton's
+    ``run`` (what ``kernel[grid](...)`` calls): grid, flags, constexprs, compile options."""
+
+    kernel: str
+    grid: tuple
+    scalars: tuple
+    options: dict
+
+    def __call__(self, *tensors) -> None:
+        getattr(bn_kernels, self.kernel).run(*tensors, *self.scalars, **self.options)
+
+
+def _launch(kernel: str, grid: tuple, scalars: tuple, **options) -> Launch:
+    return Launch(kernel, grid, scalars, dict(options, grid=grid, warmup=False))
+
+
+# The launch builders are cached per argument values (plans hash once, see Plan.__hash__):
+# a launch's arguments are assembled on the first call with a configuration.
+_launch_cache = functools.lru_cache(maxsize=PLAN_CACHE_SIZE)
+
+
+@_launch_cache
+def stats_launch(plan: Plan, eps: float, momentum: float, update_running: bool,
+                 cumulative: bool, final: bool) -> Launch:
+    """bn_stats_kernel; tensors: x, part, tickets, out, running_mean, running_var, nbt."""
+    return _launch("bn_stats_kernel", plan.reduce_grid, (
+        plan.C, plan.S, *plan.strides, plan.tiles_per_n, plan.tiles_per_split, plan.n_tiles,
+        plan.splits, plan.splits * plan.C, *host_pair(float(momentum)),
+        *host_pair(float(eps))),
+        final=int(final), update_running=int(update_running), cumulative=int(cumulative),
+        BLOCK_P=merge_block_p(plan.block_c), **_meta(plan))
+
+
+@_launch_cache
+def apply_launch(plan: Plan, scale_is_var: bool, has_weight: bool, has_bias: bool,
+                 has_residual: bool, eps: float, activation: str, slope: float,
+                 reverse: bool) -> Launch:
+    """bn_apply_kernel; tensors: x, residual, y, mean, scale, weight, bias."""
+    return _launch("bn_apply_kernel", plan.tile_grid, (
+        plan.C, plan.S, *plan.strides, plan.tiles_per_n, plan.n_tiles,
+        *host_pair(float(eps)), *host_pair(float(slope))),
+        scale_is_var=int(scale_is_var), has_weight=int(has_weight), has_bias=int(has_bias),
+        has_residual=int(has_residual), reverse=int(reverse),
+        ACTIVATION=ACTIVATION_CODES[activation], **_meta(plan))
+
+
+@_launch_cache
+def bwd_reduce_launch(plan: Plan, dtype: torch.dtype, scale_is_var: bool, eps: float,
+                      want_grads: bool, has_weight: bool, has_bias: bool, has_residual: bool,
+                      activation: str, slope: float) -> Launch:
+    """bn_bwd_reduce_kernel; tensors: x, dy, residual, mean, scale, weight, bias, part,
+    tickets, sums, grad_weight, grad_bias."""
+    return _launch("bn_bwd_reduce_kernel", plan.reduce_grid, (
+        plan.C, plan.S, *plan.strides, plan.tiles_per_n, plan.tiles_per_split, plan.n_tiles,
+        plan.splits, plan.splits * plan.C, *host_pair(float(eps)),
+        *host_pair(float(slope))),
+        scale_is_var=int(scale_is_var), has_weight=int(has_weight), has_bias=int(has_bias),
+        has_residual=int(has_residual), reverse=0, write_grads=int(want_grads),
+        ACTIVATION=ACTIVATION_CODES[activation], BLOCK_P=merge_block_p(plan.block_c),
+        **_meta(plan), **bwd_reduce_register_cap(dtype))
+
+
+@_launch_cache
+def grad_input_launch(plan: Plan, count: int | None, scale_is_var: bool, has_weight: bool,
+                      has_bias: bool, has_residual: bool, training: bool, eps: float,
+                      activation: str, slope: float, want_dx: bool, want_dres: bool,
+                      reverse: bool) -> Launch:
+    """bn_bwd_dx_kernel; tensors: x, dy, residual, dx, dres, mean, scale, weight, bias, sums,
+    count_tensor. count: the element count m, or None when it is read from count_tensor."""
+    return _launch("bn_bwd_dx_kernel", plan.tile_grid, (
+        0 if count is None else int(count), plan.C, plan.S, *plan.strides, plan.tiles_per_n,
+        plan.n_tiles, *host_pair(float(eps)), *host_pair(float(slope))),
+        scale_is_var=int(scale_is_var), has_weight=int(has_weight), has_bias=int(has_bias),
+        has_residual=int(has_residual), reverse=int(reverse), training=int(training),
+        count_from_ptr=int(count is None), write_dx=int(want_dx), write_dres=int(want_dres),
+        ACTIVATION=ACTIVATION_CODES[activation], **_meta(plan))
+
+
 def stats(x: torch.Tensor, plan: Plan, eps: float, running_mean=None, running_var=None,
           num_batches_tracked=None, momentum: float = 0.0, cumulative: bool = False,
           final: bool = True) -> torch.Tensor:
@@ -366,20 +486,14 @@ def stats(x: torch.Tensor, plan: Plan, eps: float, running_mean=None, running_va
     on the device); not final: [3, C] acc (count, mean, M2), a rank's local statistics."""
     acc = acc_dtype(x.dtype)
     dev = x.device
-    part = _workspace(dev, acc, 3 * plan.splits * plan.C)
+    part, tickets = reduction_scratch(dev, acc, 3 * plan.splits * plan.C, plan.n_cblocks)
     out = _alloc.empty((2 if final else 3, plan.C), dtype=acc, device=dev)
     update = final and running_mean is not None
     nbt = num_batches_tracked if (update and cumulative) else None
+    launch = stats_launch(plan, eps, momentum, update, nbt is not None, final)
     with device_guard(x):
-        bn_kernels.bn_stats_kernel[plan.reduce_grid](
-            x, part, _tickets(dev, plan.n_cblocks), out,
-            running_mean if update else out, running_var if update else out,
-            nbt if nbt is not None else _dummy_i64(dev),
-            plan.C, plan.S, *plan.strides,
-            plan.tiles_per_n, plan.tiles_per_split, plan.n_tiles, plan.splits,
-            plan.splits * plan.C, *host_pair(float(momentum)), *host_pair(float(eps)),
-            final=int(final), update_running=int(update), cumulative=int(nbt is not None),
-            BLOCK_P=merge_block_p(plan.block_c), **_meta(plan))
+        launch(x, part, tickets, out, running_mean if update else out,
+               running_var if update else out, nbt if nbt is not None else dummy_i64(dev))
     return out
 
 
@@ -407,7 +521,7 @@ def merge_stats_final(part: torch.Tensor, part_stride: int, field_stride: int, n
         bn_kernels.bn_merge_final_kernel[_merge_grid(C)](
             part, n_parts, C, part_stride, field_stride, out,
             running_mean if update else out, running_var if update else out,
-            nbt if nbt is not None else _dummy_i64(dev), *host_pair(float(momentum)),
+            nbt if nbt is not None else dummy_i64(dev), *host_pair(float(momentum)),
             *host_pair(float(eps)), update_running=int(update),
             cumulative=int(nbt is not None), write_count=int(want_count),
             BLOCK_P=MERGE_BLOCK_P, BLOCK_C=MERGE_BLOCK_C, num_warps=MERGE_NUM_WARPS,
@@ -422,15 +536,11 @@ def apply(x: torch.Tensor, plan: Plan, mean, scale, scale_is_var: bool, weight, 
     weight/bias: acc or None; residual: x's strides and dtype, or None. reverse: visit tiles
     from the end (right after a reduction over x, whose last tiles are still in L2)."""
     y = output_like(x)
+    launch = apply_launch(plan, scale_is_var, weight is not None, bias is not None,
+                          residual is not None, eps, activation, slope, reverse)
     with device_guard(x):
-        bn_kernels.bn_apply_kernel[plan.tile_grid](
-            x, residual if residual is not None else x, y, mean, scale,
-            weight if weight is not None else mean, bias if bias is not None else mean,
-            plan.C, plan.S, *plan.strides, plan.tiles_per_n, plan.n_tiles,
-            *host_pair(float(eps)), *host_pair(float(slope)),
-            scale_is_var=int(scale_is_var), has_weight=int(weight is not None),
-            has_bias=int(bias is not None), has_residual=int(residual is not None),
-            reverse=int(reverse), ACTIVATION=ACTIVATION_CODES[activation], **_meta(plan))
+        launch(x, residual if residual is not None else x, y, mean, scale,
+               weight if weight is not None else mean, bias if bias is not None else mean)
     return y
 
 
@@ -442,23 +552,20 @@ def bwd_reduce(x: torch.Tensor, dy: torch.Tensor, plan: Plan, mean, scale, scale
     acc = acc_dtype(x.dtype)
     dev = x.device
     C = plan.C
-    part = _workspace(dev, acc, 2 * plan.splits * C)
+    part, tickets = reduction_scratch(dev, acc, 2 * plan.splits * C, plan.n_cblocks)
     sums = _alloc.empty((2, C), dtype=acc, device=dev)
-    gw = _alloc.empty((C if want_grads else 0,), dtype=acc, device=dev)
-    gb = _alloc.empty((C if want_grads else 0,), dtype=acc, device=dev)
+    if want_grads:
+        gw = _alloc.new_empty(sums, (C,))
+        gb = _alloc.new_empty(sums, (C,))
+    else:
+        gw = gb = sums.new_empty((0,))
+    launch = bwd_reduce_launch(plan, x.dtype, scale_is_var, eps, want_grads,
+                               weight is not None, bias is not None, residual is not None,
+                               activation, slope)
     with device_guard(x):
-        bn_kernels.bn_bwd_reduce_kernel[plan.reduce_grid](
-            x, dy, residual if residual is not None else x, mean, scale,
-            weight if weight is not None else mean, bias if bias is not None else mean,
-            part, _tickets(dev, plan.n_cblocks), sums,
-            gw if want_grads else sums, gb if want_grads else sums,
-            C, plan.S, *plan.strides, plan.tiles_per_n, plan.tiles_per_split, plan.n_tiles,
-            plan.splits, plan.splits * C, *host_pair(float(eps)), *host_pair(float(slope)),
-            scale_is_var=int(scale_is_var), has_weight=int(weight is not None),
-            has_bias=int(bias is not None), has_residual=int(residual is not None), reverse=0,
-            write_grads=int(want_grads), ACTIVATION=ACTIVATION_CODES[activation],
-            BLOCK_P=merge_block_p(plan.block_c), **_meta(plan),
-            **bwd_reduce_register_cap(x.dtype))
+        launch(x, dy, residual if residual is not None else x, mean, scale,
+               weight if weight is not None else mean, bias if bias is not None else mean,
+               part, tickets, sums, gw if want_grads else sums, gb if want_grads else sums)
     return sums, gw, gb
 
 
@@ -473,20 +580,14 @@ def grad_input(x: torch.Tensor, dy: torch.Tensor, plan: Plan, mean, scale, scale
     dx_out = output_like(x) if want_dx else None
     dres = output_like(x) if want_dres else None
     count_is_tensor = isinstance(count, torch.Tensor)
+    launch = grad_input_launch(plan, None if count_is_tensor else count, scale_is_var,
+                               weight is not None, bias is not None, residual is not None,
+                               training, eps, activation, slope, want_dx, want_dres, reverse)
     with device_guard(x):
-        bn_kernels.bn_bwd_dx_kernel[plan.tile_grid](
-            x, dy, residual if residual is not None else x,
-            dx_out if want_dx else x, dres if want_dres else x, mean, scale,
-            weight if weight is not None else mean, bias if bias is not None else mean,
-            sums if sums is not None else mean, count if count_is_tensor else mean,
-            0 if count_is_tensor else int(count),
-            plan.C, plan.S, *plan.strides, plan.tiles_per_n, plan.n_tiles,
-            *host_pair(float(eps)), *host_pair(float(slope)),
-            scale_is_var=int(scale_is_var), has_weight=int(weight is not None),
-            has_bias=int(bias is not None), has_residual=int(residual is not None),
-            reverse=int(reverse), training=int(training), count_from_ptr=int(count_is_tensor),
-            write_dx=int(want_dx), write_dres=int(want_dres),
-            ACTIVATION=ACTIVATION_CODES[activation], **_meta(plan))
+        launch(x, dy, residual if residual is not None else x,
+               dx_out if want_dx else x, dres if want_dres else x, mean, scale,
+               weight if weight is not None else mean, bias if bias is not None else mean,
+               sums if sums is not None else mean, count if count_is_tensor else mean)
     return dx_out, dres
 
 
@@ -500,7 +601,7 @@ def dx(x: torch.Tensor, dy: torch.Tensor, plan: Plan, mean, scale, scale_is_var:
 _DUMMIES: dict = {}
 
 
-def _dummy_i64(device: torch.device) -> torch.Tensor:
+def dummy_i64(device: torch.device) -> torch.Tensor:
     """A never-dereferenced int64 pointer argument (keeps the kernel signature fixed)."""
     t = _DUMMIES.get(device)
     if t is None:

@@ -1,11 +1,12 @@
 """fusedgrad.batch_norm: a drop-in for F.batch_norm with a single-pass backward reduction and
 an optional fused epilogue, act(bn(x) + residual).
 
-Two ways into the same launchers (ops/_bn_launch.py), sharing ``_forward_core`` and
-``_backward_core``:
+Two ways into the same launchers and launch arguments (ops/_bn_launch.py):
 
 - eager (the default): an autograd.Function; a training step is four launches
-  (statistics, normalise, backward reduction, dx) and nothing else on the device;
+  (statistics, normalise, backward reduction, dx) and nothing else on the device, and on
+  the host a signature lookup (ops/_bn_call.py: everything but the tensors' data is decided
+  on the first call with a signature), the allocations, the launches and autograd;
 - under ``torch.compile``: custom ops (namespace ``fusedgrad``) with fake implementations,
   so that ``torch.compile(fullgraph=True)`` traces through them:
   ``batch_norm_stats`` (batch statistics and the running-buffer update; mutates
@@ -22,17 +23,12 @@ input); weights of another dtype are converted for the kernels and gradients con
 
 import torch
 
+from . import _bn_call
 from . import _bn_launch as L
+from ._bn_call import as_acc, copy_back
 from ._bn_validate import validate, validate_epilogue
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def as_acc(t, acc):
-    """A contiguous [C] view of t in the accumulation dtype (a copy only if needed)."""
-    if t is None or (t.dtype == acc and t.is_contiguous()):
-        return t  # the kernels index a contiguous [C] tensor: its shape does not matter
-    return t.reshape(-1).to(acc).contiguous()
 
 
 def _fake_output(x: torch.Tensor) -> torch.Tensor:
@@ -40,12 +36,6 @@ def _fake_output(x: torch.Tensor) -> torch.Tensor:
     if L.supported_layout(x):
         return torch.empty_like(x, memory_format=torch.preserve_format)
     return torch.empty(x.shape, dtype=x.dtype, device=x.device)
-
-
-def _copy_back(buffer, acc_copy):
-    # Buffers in another dtype (a .half() module) were updated in an acc copy.
-    if buffer is not None and acc_copy.data_ptr() != buffer.data_ptr():
-        buffer.copy_(acc_copy.view_as(buffer))
 
 
 def plan_count(x: torch.Tensor) -> int:
@@ -56,39 +46,12 @@ def plan_count(x: torch.Tensor) -> int:
 # ----------------------------------------------------------------------------- shared core
 
 
-def _forward_core(x, weight, bias, residual, running_mean, running_var, num_batches_tracked,
-                  training, momentum, cumulative, eps, activation, slope, keep_stats):
-    """(y, x as the kernels read it, residual likewise, mean, scale, plan): two launches in
-    training (statistics with the running update, then the normalise pass), one in eval.
-    scale is invstd (training) or the running variance (eval; copied if keep_stats, so that a
-    later in-place update of the buffers cannot reach the backward, as in torch)."""
-    acc = L.acc_dtype(x.dtype)
-    xp = L.prepare_input(x)
-    plan = L.make_plan(xp)
-    res = L.match_layout(residual, xp) if residual is not None else None
-    if training:
-        rm, rv = as_acc(running_mean, acc), as_acc(running_var, acc)
-        st = L.stats(xp, plan, eps, rm, rv, num_batches_tracked, momentum, cumulative)
-        if running_mean is not None:
-            _copy_back(running_mean, rm)
-            _copy_back(running_var, rv)
-        mean, scale = st[0], st[1]
-    elif keep_stats:
-        st = torch.stack((running_mean.detach().reshape(-1),
-                          running_var.detach().reshape(-1))).to(acc)
-        mean, scale = st[0], st[1]
-    else:
-        mean, scale = as_acc(running_mean, acc), as_acc(running_var, acc)
-    y = L.apply(xp, plan, mean, scale, not training, as_acc(weight, acc), as_acc(bias, acc),
-                eps, residual=res, activation=activation, slope=slope, reverse=training)
-    return y, xp, res, mean, scale, plan
-
-
 def _backward_core(grad_y, x, weight, bias, residual, mean, scale, training, eps, activation,
                    slope, need_dx, need_params, need_dres, plan=None):
-    """(dx, dweight, dbias, dresidual); dweight/dbias in acc; None where not asked for.
-    One reduction launch (sum g, sum g * x_hat, merged in-kernel; in eval only for the
-    parameters' gradients), then one launch for dx and d(residual)."""
+    """(dx, dweight, dbias, dresidual) for the custom op (the eager path: Call.backward);
+    dweight/dbias in acc; None where not asked for. One reduction launch (sum g,
+    sum g * x_hat, merged in-kernel; in eval only for the parameters' gradients), then one
+    launch for dx and d(residual)."""
     acc = L.acc_dtype(x.dtype)
     if plan is None:  # else x is already what the kernels read, and this is its plan
         x = L.prepare_input(x)
@@ -134,10 +97,6 @@ class _RaiseOnDoubleBackward(torch.autograd.Function):
         raise RuntimeError(_DOUBLE_BACKWARD)
 
 
-def _grad_as(g, like):
-    return g if g.dtype == like.dtype else g.to(like.dtype)
-
-
 # ----------------------------------------------------------------------------- eager path
 
 
@@ -146,37 +105,43 @@ class _BatchNormFunction(torch.autograd.Function):
     unless a layout or a parameter dtype needs converting."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, residual, running_mean, running_var, num_batches_tracked,
-                cfg):
-        # cfg = (training, momentum, cumulative, eps, activation, slope): one argument, so
-        # that Function.apply has fewer arguments to inspect.
-        training, momentum, cumulative, eps, activation, slope = cfg
-        y, xp, res, mean, scale, plan = _forward_core(
-            x, weight, bias, residual, running_mean, running_var, num_batches_tracked,
-            training, momentum, cumulative, eps, activation, slope, keep_stats=True)
-        ctx.save_for_backward(xp, weight, bias, res, mean, scale)
-        ctx.cfg = (training, eps, activation, slope, plan)
+    def forward(ctx, x, weight, bias, residual, call, state):
+        # call: the signature's _bn_call.Call; state: (running_mean, running_var,
+        # num_batches_tracked). Not tensors of the graph: nothing to differentiate.
+        y, res, mean, scale = call.forward(x, weight, bias, residual, *state, keep_stats=True)
+        ctx.save_for_backward(x, weight, bias if call.bias_in_backward else None, res, mean,
+                              scale)
+        ctx.call = call
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        xp, weight, bias, res, mean, scale = ctx.saved_tensors
-        training, eps, activation, slope, plan = ctx.cfg
+        x, weight, bias, res, mean, scale = ctx.saved_tensors
+        call = ctx.call
         need = ctx.needs_input_grad
-        need_params = (need[1] and weight is not None) or (need[2] and bias is not None)
-        dx, dw, db, dres = _backward_core(grad_y, xp, weight, bias, res, mean, scale, training,
-                                          eps, activation, slope, need[0], need_params,
-                                          need[3] and res is not None, plan)
-        dw = _grad_as(dw, weight) if (need[1] and weight is not None) else None
-        db = _grad_as(db, bias) if (need[2] and bias is not None) else None
-        grads = [dx, dw, db, dres]
+        want_dw, want_db = need[1] and call.has_weight, need[2] and call.has_bias
+        dx, dw, db, dres = call.backward(grad_y, x, weight, bias, res, mean, scale, need[0],
+                                         want_dw or want_db, need[3] and call.has_residual)
+        grads = [dx, dw if want_dw else None, db if want_db else None, dres]
         if torch.is_grad_enabled():  # create_graph=True: a double backward must fail loudly
             present = [g for g in grads if g is not None]
-            deps = [t for t in (xp, weight, bias, grad_y) if t is not None and t.requires_grad]
+            deps = [t for t in (x, weight, bias, grad_y) if t is not None and t.requires_grad]
             if present and deps:
                 wrapped = iter(_RaiseOnDoubleBackward.apply(len(present), *present, *deps))
                 grads = [next(wrapped) if g is not None else None for g in grads]
-        return tuple(grads) + (None,) * 4
+        return (*grads, None, None)
+
+
+# Function.apply less its per-call argument inspection (binding defaults, unwrapping dead
+# functorch wrappers: ~10 us, a third of the op's budget); used unless a functorch
+# transform is active, where Function.apply says what it supports.
+_apply_unchecked = super(torch.autograd.Function, _BatchNormFunction).apply
+
+
+def _apply(*args):
+    if torch._C._are_functorch_transforms_active():
+        return _BatchNormFunction.apply(*args)
+    return _apply_unchecked(*args)
 
 
 # ----------------------------------------------------------------------------- custom ops
@@ -198,8 +163,8 @@ def _batch_norm_stats(
     rm, rv = as_acc(running_mean, acc), as_acc(running_var, acc)
     st = L.stats(x, L.make_plan(x), eps, rm, rv, num_batches_tracked, momentum, cumulative)
     if running_mean is not None:
-        _copy_back(running_mean, rm)
-        _copy_back(running_var, rv)
+        copy_back(running_mean, rm)
+        copy_back(running_var, rv)
     return st
 
 
@@ -389,9 +354,8 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     residual: None or a tensor of the input's shape and dtype, added before the activation
         (the ResNet ``relu(bn(x) + shortcut)``); it receives a gradient like any input.
     """
-    return batch_norm_tracked(input, running_mean, running_var, weight, bias, training,
-                              momentum, eps, None, activation=activation, residual=residual,
-                              activation_param=activation_param)
+    return _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
+                       None, activation, activation_param, residual)
 
 
 def batch_norm_tracked(input, running_mean, running_var, weight, bias, training, momentum, eps,
@@ -399,39 +363,66 @@ def batch_norm_tracked(input, running_mean, running_var, weight, bias, training,
                        activation_param=None):
     """batch_norm with an optional num_batches_tracked: momentum=None then means a cumulative
     average with factor 1 / num_batches_tracked, read on the device (the modules pass it)."""
-    validate(input, running_mean, running_var, weight, bias, training, momentum, eps)
-    activation, slope = validate_epilogue(input, activation, activation_param, residual,
-                                          activations=ACTIVATIONS,
-                                          default_slope=LEAKY_RELU_DEFAULT_SLOPE)
-    cumulative = momentum is None
-    if cumulative and training and running_mean is not None and num_batches_tracked is None:
-        raise TypeError("fusedgrad.batch_norm: `momentum` must be a float (momentum=None, the "
-                        "cumulative average, needs num_batches_tracked: use the modules)")
-    eps = float(eps)
-    momentum = 0.0 if cumulative else float(momentum)
-    if input.numel() == 0:
-        # As torch: an empty batch gives an empty output (still connected to weight, bias
-        # and residual for autograd) and leaves the running statistics alone.
-        out = input.clone()
-        if weight is not None:
-            out = out * weight[0]
-        if bias is not None:
-            out = out + bias[0]
-        if residual is not None:
-            out = out + residual
-        return _torch_activation(out, activation, slope)
-    nbt = num_batches_tracked if cumulative else None
-    if torch.compiler.is_compiling():
-        return _compiled_path(input, running_mean, running_var, weight, bias, residual, nbt,
-                              training, momentum, cumulative, eps, activation, slope)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad
-                                       for t in (input, weight, bias, residual)):
-        return _BatchNormFunction.apply(input, weight, bias, residual, running_mean,
-                                        running_var, nbt, (training, momentum, cumulative, eps,
-                                                           activation, slope))
-    return _forward_core(input, weight, bias, residual, running_mean, running_var, nbt,
-                         training, momentum, cumulative, eps, activation, slope,
-                         keep_stats=False)[0]
+    return _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
+                       num_batches_tracked, activation, activation_param, residual)
+
+
+def _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
+                num_batches_tracked, activation, activation_param, residual):
+    call = sig = None
+    if not torch.compiler.is_compiling():
+        try:  # a signature seen before: its arguments passed the checks below
+            sig = _bn_call.signature(running_mean, running_var, weight, bias, training,
+                                     momentum, eps, num_batches_tracked, activation,
+                                     activation_param, residual)
+            call = _bn_call.find(input, sig)
+        except (AttributeError, TypeError):  # not tensors, unhashable: the checks say which
+            pass
+    if call is None:
+        validate(input, running_mean, running_var, weight, bias, training, momentum, eps)
+        act, slope = validate_epilogue(input, activation, activation_param, residual,
+                                       activations=ACTIVATIONS,
+                                       default_slope=LEAKY_RELU_DEFAULT_SLOPE)
+        cumulative = momentum is None
+        if (cumulative and training and running_mean is not None
+                and num_batches_tracked is None):
+            raise TypeError("fusedgrad.batch_norm: `momentum` must be a float (momentum=None, "
+                            "the cumulative average, needs num_batches_tracked: use the "
+                            "modules)")
+        if input.numel() == 0:
+            return _empty_batch(input, weight, bias, residual, act, slope)
+        eps_f, momentum_f = float(eps), (0.0 if cumulative else float(momentum))
+        if torch.compiler.is_compiling():
+            nbt = num_batches_tracked if cumulative else None
+            return _compiled_path(input, running_mean, running_var, weight, bias, residual,
+                                  nbt, training, momentum_f, cumulative, eps_f, act, slope)
+        if sig is None:
+            sig = _bn_call.signature(running_mean, running_var, weight, bias, training,
+                                     momentum, eps, num_batches_tracked, activation,
+                                     activation_param, residual)
+        input = L.prepare_input(input)
+        call = _bn_call.build(input, sig, running_mean, running_var, weight, bias, residual,
+                              training, momentum_f, cumulative, eps_f, act, slope)
+    state = (running_mean, running_var, num_batches_tracked)
+    if torch.is_grad_enabled() and (
+            input.requires_grad or (weight is not None and weight.requires_grad)
+            or (bias is not None and bias.requires_grad)
+            or (residual is not None and residual.requires_grad)):
+        return _apply(input, weight, bias, residual, call, state)
+    return call.forward(input, weight, bias, residual, *state, keep_stats=False)[0]
+
+
+def _empty_batch(input, weight, bias, residual, activation, slope):
+    # As torch: an empty batch gives an empty output (still connected to weight, bias and
+    # residual for autograd) and leaves the running statistics alone.
+    out = input.clone()
+    if weight is not None:
+        out = out * weight[0]
+    if bias is not None:
+        out = out + bias[0]
+    if residual is not None:
+        out = out + residual
+    return _torch_activation(out, activation, slope)
 
 
 def _compiled_path(input, running_mean, running_var, weight, bias, residual, nbt, training,
