@@ -160,7 +160,7 @@ class Call:
                                              want_params, self.has_weight, has_bias,
                                              self.has_residual, self.activation, self.slope)
             if want_dx or want_dres:
-                grad = L.grad_input_launch(self.plan, self.count, not self.training,
+                grad = L.grad_input_launch(self.plan, self.dtype, self.count, not self.training,
                                            self.has_weight, has_bias, self.has_residual,
                                            self.training, self.eps, self.activation,
                                            self.slope, want_dx, want_dres, reduce is not None)

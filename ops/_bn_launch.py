@@ -390,6 +390,16 @@ def bwd_reduce_register_cap(dtype: torch.dtype) -> dict:
     return {}
 
 
+def dx_register_cap(dtype: torch.dtype) -> dict:
+    """maxnreg for the input-gradient kernel. In float64 ptxas left alone settles at 128
+    registers on sm_80 for the gelu epilogue on the channel-inner tile and spills 8-16 B
+    (Triton 3.8 and 3.9); that kernel needs ~180. float64 is the correctness path, so let it
+    use up to the hardware's 255 per thread. Other dtypes keep ptxas' choice."""
+    if dtype == torch.float64:
+        return {"maxnreg": 255}
+    return {}
+
+
 def _meta(plan: Plan) -> dict:
     return dict(BLOCK_C=plan.block_c, BLOCK_S=plan.block_s, num_warps=NUM_WARPS,
                 num_stages=NUM_STAGES, enable_fp_fusion=FP_FUSION)
@@ -463,10 +473,10 @@ def bwd_reduce_launch(plan: Plan, dtype: torch.dtype, scale_is_var: bool, eps: f
 
 
 @_launch_cache
-def grad_input_launch(plan: Plan, count: int | None, scale_is_var: bool, has_weight: bool,
-                      has_bias: bool, has_residual: bool, training: bool, eps: float,
-                      activation: str, slope: float, want_dx: bool, want_dres: bool,
-                      reverse: bool) -> Launch:
+def grad_input_launch(plan: Plan, dtype: torch.dtype, count: int | None, scale_is_var: bool,
+                      has_weight: bool, has_bias: bool, has_residual: bool, training: bool,
+                      eps: float, activation: str, slope: float, want_dx: bool,
+                      want_dres: bool, reverse: bool) -> Launch:
     """bn_bwd_dx_kernel; tensors: x, dy, residual, dx, dres, mean, scale, weight, bias, sums,
     count_tensor. count: the element count m, or None when it is read from count_tensor."""
     return _launch("bn_bwd_dx_kernel", plan.tile_grid, (
@@ -475,7 +485,7 @@ def grad_input_launch(plan: Plan, count: int | None, scale_is_var: bool, has_wei
         scale_is_var=int(scale_is_var), has_weight=int(has_weight), has_bias=int(has_bias),
         has_residual=int(has_residual), reverse=int(reverse), training=int(training),
         count_from_ptr=int(count is None), write_dx=int(want_dx), write_dres=int(want_dres),
-        ACTIVATION=ACTIVATION_CODES[activation], **_meta(plan))
+        ACTIVATION=ACTIVATION_CODES[activation], **_meta(plan), **dx_register_cap(dtype))
 
 
 def stats(x: torch.Tensor, plan: Plan, eps: float, running_mean=None, running_var=None,
@@ -580,7 +590,7 @@ def grad_input(x: torch.Tensor, dy: torch.Tensor, plan: Plan, mean, scale, scale
     dx_out = output_like(x) if want_dx else None
     dres = output_like(x) if want_dres else None
     count_is_tensor = isinstance(count, torch.Tensor)
-    launch = grad_input_launch(plan, None if count_is_tensor else count, scale_is_var,
+    launch = grad_input_launch(plan, x.dtype, None if count_is_tensor else count, scale_is_var,
                                weight is not None, bias is not None, residual is not None,
                                training, eps, activation, slope, want_dx, want_dres, reverse)
     with device_guard(x):

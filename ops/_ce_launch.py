@@ -434,12 +434,16 @@ def launch_scale_grad(grad3, grad_output_v) -> None:
 
 
 def shard_block_v(n_classes: int, dtype: torch.dtype, prob_target: bool) -> int:
-    """Chunk width of the vocab-parallel kernels (always a loop over chunks)."""
+    """Chunk width of the vocab-parallel kernels (always a loop over chunks). float64 streams
+    MEDIUM_BLOCK_V chunks for both target kinds: the 2048-wide class-index chunk (8 warps)
+    of the gradient kernel spills 16 B on sm_80 with Triton >= 3.9 (ptxas settles at 128
+    registers with int64 offsets); 1024 (4 warps) keeps the same 8 values per thread in
+    ~126 registers (python -m bench static)."""
     if n_classes <= SMALL_BLOCK_V:
         return SMALL_BLOCK_V
-    if n_classes <= MEDIUM_BLOCK_V:
+    if n_classes <= MEDIUM_BLOCK_V or dtype == torch.float64:
         return MEDIUM_BLOCK_V
-    return LOOP_BLOCK_V[(dtype == torch.float64, prob_target)]
+    return LOOP_BLOCK_V[(False, prob_target)]
 
 
 def launch_shard_stats(logits3, probs_v, weight, stats, *, softcap: float | None) -> None:
