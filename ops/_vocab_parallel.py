@@ -17,6 +17,11 @@ may differ) and the global class ids as targets. Per call:
 
 Only per-row statistics travel, never logits. The backward is the single-device
 one: a rescale of the local gradient by grad_output, free when it is 1.
+
+Under ``torch.autocast`` half-precision logits give a float32 loss, as torch's autocast
+(which runs cross-entropy in float32) does: the kernels read the half logits as they are
+and accumulate in float32 anyway, so only the loss's dtype changes; the gradient stays in
+the logits' dtype.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from ._runtime import acc_dtype, device_guard, host_reads_free
 
 
 def _forward(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
-             grad, group):
+             grad, group, loss_dtype):
     prob = target.is_floating_point()
     acc = acc_dtype(input.dtype)
     device = input.device
@@ -143,11 +148,11 @@ def _forward(input, target, weight, ignore_index, reduction, label_smoothing, z_
 
     if reduction == "none":
         shape = [input.shape[0], *input.shape[2:]] if input.dim() > 1 else []
-        return loss_rows.view(shape).to(input.dtype)
+        return loss_rows.view(shape).to(loss_dtype)
     total = loss_rows.sum()
     if reduction == "sum":
-        return total.to(input.dtype)
-    return (total / divisor).to(input.dtype)
+        return total.to(loss_dtype)
+    return (total / divisor).to(loss_dtype)
 
 
 def _check_targets(bad, device):
@@ -161,10 +166,10 @@ def _check_targets(bad, device):
 class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, target, weight, ignore_index, reduction, label_smoothing, z_loss,
-                softcap, inplace, group):
+                softcap, inplace, group, loss_dtype):
         grad = input if inplace else _alloc.empty_like(input)
         loss = _forward(input, target, weight, ignore_index, reduction, label_smoothing,
-                        z_loss, softcap, grad, group)
+                        z_loss, softcap, grad, group, loss_dtype)
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(grad)
         ctx.applied_grad_output = None
@@ -173,8 +178,17 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         if grad_loss is None:
-            return (None,) * 10
-        return (_scaled_grad(ctx, grad_loss),) + (None,) * 9
+            return (None,) * 11
+        return (_scaled_grad(ctx, grad_loss),) + (None,) * 10
+
+
+def _loss_dtype(input) -> torch.dtype:
+    """float32 for half logits under autocast (torch's autocast runs cross-entropy in
+    float32), else the logits' dtype."""
+    if (input.dtype in (torch.float16, torch.bfloat16)
+            and torch.is_autocast_enabled(input.device.type)):
+        return torch.float32
+    return input.dtype
 
 
 def vocab_parallel_cross_entropy(input, target, weight, ignore_index, reduction,
@@ -185,9 +199,12 @@ def vocab_parallel_cross_entropy(input, target, weight, ignore_index, reduction,
     if target.is_floating_point() and target.shape != input.shape:
         raise ValueError("fusedgrad.cross_entropy: probability `target` must hold this rank's "
                          "slice of the vocabulary, shaped like `input`")
-    if torch.is_grad_enabled() and input.requires_grad:
-        return _VocabParallelCrossEntropy.apply(
-            input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
-            inplace_backward, group)
-    return _forward(input, target, weight, ignore_index, reduction, label_smoothing, z_loss,
-                    softcap, None, group)
+    loss_dtype = _loss_dtype(input)
+    # The per-row arithmetic is float32 (or float64) already; autocast must not recast it.
+    with torch.autocast(input.device.type, enabled=False):
+        if torch.is_grad_enabled() and input.requires_grad:
+            return _VocabParallelCrossEntropy.apply(
+                input, target, weight, ignore_index, reduction, label_smoothing, z_loss,
+                softcap, inplace_backward, group, loss_dtype)
+        return _forward(input, target, weight, ignore_index, reduction, label_smoothing,
+                        z_loss, softcap, None, group, loss_dtype)

@@ -4,6 +4,8 @@ processes on CPU, against the single-process float64 reference on the full vocab
 Each world size is one spawn running every case (process start-up dominates).
 """
 
+import contextlib
+
 import pytest
 import torch
 
@@ -39,6 +41,12 @@ CASES_2 = [
     # from float64 than torch's own float32 result (issue 9: z - max and log(sum exp)
     # stay apart across ranks too).
     dict(seed=14, shape=(16,), widths=(900, 1100), kw=dict(reduction="none"), confident=True),
+    # bf16 logits under autocast: a float32 loss as torch's autocast gives, without a float32
+    # copy of the logits; the gradient stays bf16. Mean and per-row losses.
+    dict(seed=15, shape=(4,), widths=(30, 41), kw=dict(label_smoothing=0.1),
+         dtype=torch.bfloat16, autocast=True, ignore=True),
+    dict(seed=16, shape=(3,), widths=(25, 19), kw=dict(reduction="none"), prob=True,
+         dtype=torch.bfloat16, autocast=True),
 ]
 CASES_3 = [
     dict(seed=5, shape=(2, 3), widths=(10, 1, 25), kw=dict(label_smoothing=0.1)),
@@ -106,11 +114,37 @@ def _worker(rank, world_size, cases):
         base = x_local.clone().requires_grad_(True)
         # In-place mode on a view of a non-leaf, as logits.view(-1, V) would be.
         inp = (base * 1.0).view(base.shape) if case.get("inplace") else base
-        loss = fg.cross_entropy(inp, t_local, weight=w_local, process_group=dist.group.WORLD,
-                                inplace_backward=bool(case.get("inplace")), **case["kw"])
+        copies = []
+        with _autocast_spy(case.get("autocast"), inp, copies):
+            loss = fg.cross_entropy(inp, t_local, weight=w_local,
+                                    process_group=dist.group.WORLD,
+                                    inplace_backward=bool(case.get("inplace")), **case["kw"])
+        assert not copies, f"the logits were copied to float32: {copies}"
         loss.backward(go)
         out.append((loss.detach(), base.grad))
     return out
+
+
+@contextlib.contextmanager
+def _autocast_spy(enabled, logits, copies):
+    """Under bf16 autocast when enabled, recording every float32 copy of ``logits``."""
+    if not enabled:
+        yield
+        return
+    orig_to = torch.Tensor.to
+
+    def spy_to(self, *a, **k):
+        out = orig_to(self, *a, **k)
+        if out.dtype == torch.float32 and out.shape == logits.shape:
+            copies.append(out.shape)
+        return out
+
+    torch.Tensor.to = spy_to
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            yield
+    finally:
+        torch.Tensor.to = orig_to
 
 
 def _check(world_size, cases):
@@ -120,6 +154,16 @@ def _check(world_size, cases):
         ref_loss, ref_grad = reference_with_grad(x, t, grad_output=go, weight=w, **case["kw"])
         dtype = case.get("dtype", torch.float32)
         grad = torch.cat([results[r][i][1] for r in range(world_size)], dim=1)
+        assert grad.dtype == dtype
+        if case.get("autocast"):
+            # torch's autocast gives a float32 loss; its digits are float32's, from the
+            # bf16 logits as they are (the reference reads the same bf16 values).
+            for rank in range(world_size):
+                assert results[rank][i][0].dtype == torch.float32
+                assert_close(results[rank][i][0], ref_loss, torch.float32,
+                             f"case {i} rank {rank}")
+            assert_close(grad, ref_grad, dtype, f"case {i} gradient")
+            continue
         if not case.get("confident"):
             for rank in range(world_size):
                 assert_close(results[rank][i][0], ref_loss, dtype, f"case {i} rank {rank}")
