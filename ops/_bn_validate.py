@@ -15,15 +15,11 @@ from ._runtime import check_device, check_same_device, interpreter_active
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
-_INTERPRETING: list = []
-
-
-def _interpreting() -> bool:
-    # Fixed for the process (Triton chose its backend when it was first imported): look it up
-    # once, interpreter_active() imports and inspects on every call.
-    if not _INTERPRETING:
-        _INTERPRETING.append(interpreter_active())
-    return _INTERPRETING[0]
+# Fixed for the process (Triton chose its backend when it was first imported, and fusedgrad
+# imports it): decided once at import, not on the first call. A lazily filled cache is
+# module state that torch.compile guards on, so the first compiled call filling it cost one
+# recompile of the model; interpreter_active() itself imports and inspects on every call.
+_INTERPRETING = interpreter_active()
 
 
 def _err(msg: str, owner: str = "fusedgrad.batch_norm") -> str:
@@ -56,7 +52,7 @@ def validate(input, running_mean, running_var, weight, bias, training, momentum,
     if input.dim() < 2:
         raise ValueError(_err(f"`input` must have shape (N, C, *), got {tuple(input.shape)}"))
     device = input.device
-    if not (device.type == "cuda" or _interpreting()):
+    if not (device.type == "cuda" or _INTERPRETING):
         check_device("input", input)
     C = input.shape[1]
     for name, t in (("running_mean", running_mean), ("running_var", running_var),

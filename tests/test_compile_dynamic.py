@@ -1,6 +1,12 @@
 """torch.compile with dynamic shapes (dynamic=True, or mark_dynamic on the batch) and
 fullgraph=True for every op, and autocast behaviour like torch's ops."""
 
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -81,6 +87,36 @@ def test_batch_norm_dynamic(device, mark):
                 torch.randn(3, device=device, requires_grad=True))
 
     _run(_bn_step, make, mark)
+
+
+# A fresh process (the ops' module state is fresh there, whatever earlier tests did): the first
+# compiled call of fg.batch_norm, with no eager call before it, must leave nothing that makes
+# the second call with the same inputs recompile (a lazily filled cache in the op's checks
+# did: one recompile per model). Dynamo only: the recompile is decided before any backend.
+_FIRST_COMPILE_SCRIPT = textwrap.dedent("""
+    import torch
+    import conftest  # the backend choice (interpreter without CUDA) before triton loads
+    import fusedgrad as fg
+
+    dev = conftest.DEVICE
+    step = torch.compile(lambda x, rm, rv: fg.batch_norm(x, rm, rv, training=True),
+                         fullgraph=True, backend="eager")
+    args = (torch.randn(4, 3, 5, device=dev), torch.zeros(3, device=dev),
+            torch.ones(3, device=dev))
+    step(*args)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        step(*args)
+    print("ONE GRAPH", torch._dynamo.utils.counters["stats"]["unique_graphs"])
+""")
+
+
+def test_batch_norm_first_compiled_call_does_not_recompile():
+    tests = Path(__file__).resolve().parent
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        p for p in (str(tests), os.environ.get("PYTHONPATH")) if p))
+    res = subprocess.run([sys.executable, "-c", _FIRST_COMPILE_SCRIPT], cwd=tests, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and "ONE GRAPH 1" in res.stdout, res.stderr[-3000:]
 
 
 def test_batch_norm_module_dynamic(device):
