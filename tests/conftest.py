@@ -31,6 +31,23 @@ def device():
     return DEVICE
 
 
+@pytest.fixture
+def world_of_one():
+    """A gloo process group of this process alone (rank 0 of 1), for the vocab-parallel and
+    SyncBatchNorm code paths in-process; destroyed after the test."""
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available in this build")
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield dist.group.WORLD
+    finally:
+        dist.destroy_process_group()
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     # Fresh random data per test, but reproducible per test run.

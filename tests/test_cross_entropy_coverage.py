@@ -13,7 +13,6 @@ Planted bugs these tests catch (see bench/NOTES.md, "mutation survivors"):
 
 import pytest
 import torch
-import torch.distributed as dist
 
 import fusedgrad as fg
 from fusedgrad import _ce_launch as launch
@@ -86,19 +85,6 @@ def test_kernel_never_addresses_an_out_of_range_target(monkeypatch, path):
 
 
 # ----------------------------------------------------------------------------- vocab-parallel
-
-@pytest.fixture
-def world_of_one():
-    if not dist.is_available():
-        pytest.skip("torch.distributed is not available in this build")
-    if dist.is_initialized():
-        pytest.skip("a process group is already initialised in this process")
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        yield dist.group.WORLD
-    finally:
-        dist.destroy_process_group()
-
 
 def test_vocab_parallel_inplace_refuses_a_graph_needing_old_logits(world_of_one):
     # sigmoid saves its output: overwriting it with the gradient must make autograd refuse.

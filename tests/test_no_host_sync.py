@@ -31,7 +31,6 @@ import weakref
 
 import pytest
 import torch
-import torch.distributed as dist
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
@@ -329,19 +328,6 @@ def test_device_branch_target_check_asserts():
     from fusedgrad.kernels import ce_prep
 
     assert "tl.device_assert(n_bad == 0" in pathlib.Path(ce_prep.__file__).read_text()
-
-
-@pytest.fixture
-def world_of_one():
-    if not dist.is_available():
-        pytest.skip("torch.distributed is not available in this build")
-    if dist.is_initialized():
-        pytest.skip("a process group is already initialised in this process")
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        yield dist.group.WORLD
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("case", ["index_weight_smoothing", "prob", "inplace_none"])
