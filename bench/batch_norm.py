@@ -41,7 +41,7 @@ from .common import (
     fused_op,
     non_leaf,
     run_impl,
-    skipped,
+    run_impls,
     torch_dtype,
 )
 
@@ -191,30 +191,21 @@ def run_case(case: Case, ctx: Context) -> list[dict]:
         return F.batch_norm(x, rm, rv, w, b, training=True, momentum=MOMENTUM, eps=EPS)
 
     fg_bn, fg_reason = fused_op("batch_norm")
-    records = []
-    for impl in case.impls:
-        if impl not in ctx.impls:
-            continue
-        kernel_bytes = None
-        if impl == FUSED:
-            if fg_bn is None:
-                records.append(skipped(case, impl, fg_reason, status="unavailable"))
-                continue
+    table = {
+        FUSED: (partial(fg_bn, training=True, momentum=MOMENTUM, eps=EPS)
+                if fg_bn is not None else None, fg_reason),
+        TORCH: (torch_bn, ""),
+        COMPILE: lambda: (compiled(torch_bn), ""),
+    }
 
-            def bn_fn(x, rm, rv, w, b):
-                return fg_bn(x, rm, rv, w, b, training=True, momentum=MOMENTUM, eps=EPS)
+    def measure(impl, bn_fn):
+        kernel_bytes = fused_kernel_bytes(shape, case.dtype, case.mode) if impl == FUSED \
+            else None
+        return run_impl(case, ctx, impl, make_inputs, step_of(bn_fn), set_bytes=set_bytes,
+                        min_bytes=min_bytes, bytes_model="minimal", leaves=leaves,
+                        kernel_bytes=kernel_bytes)
 
-            kernel_bytes = fused_kernel_bytes(shape, case.dtype, case.mode)
-        elif impl == TORCH:
-            bn_fn = torch_bn
-        elif impl == COMPILE:
-            bn_fn = compiled(torch_bn)
-        else:  # pragma: no cover
-            raise AssertionError(impl)
-        records.append(run_impl(case, ctx, impl, make_inputs, step_of(bn_fn),
-                                set_bytes=set_bytes, min_bytes=min_bytes, bytes_model="minimal",
-                                leaves=leaves, kernel_bytes=kernel_bytes))
-    return records
+    return run_impls(case, ctx, table, measure)
 
 
 def run_epilogue_case(case: Case, ctx: Context, *, activation: str, residual: bool) -> list[dict]:
@@ -259,29 +250,22 @@ def run_epilogue_case(case: Case, ctx: Context, *, activation: str, residual: bo
 
     fg_bn, fg_reason = fused_op("batch_norm")
     min_bytes = epilogue_minimal_bytes(shape, case.dtype, residual)
-    records = []
-    for impl in case.impls:
-        if impl not in ctx.impls:
-            continue
-        kernel_bytes = None
-        if impl == FUSED:
-            if fg_bn is None:
-                records.append(skipped(case, impl, fg_reason, status="unavailable"))
-                continue
 
-            def fn(x, r, rm, rv, w, b):
-                return fg_bn(x, rm, rv, w, b, training=True, momentum=MOMENTUM, eps=EPS,
-                             activation=activation, residual=r)
+    def fused_fn(x, r, rm, rv, w, b):
+        return fg_bn(x, rm, rv, w, b, training=True, momentum=MOMENTUM, eps=EPS,
+                     activation=activation, residual=r)
 
-            kernel_bytes = epilogue_kernel_bytes(shape, case.dtype, case.layout, activation,
-                                                 residual)
-        elif impl == TORCH:
-            fn = torch_fn
-        elif impl == COMPILE:
-            fn = compiled(torch_fn)
-        else:  # pragma: no cover
-            raise AssertionError(impl)
-        records.append(run_impl(case, ctx, impl, make_inputs, step_of(fn), set_bytes=set_bytes,
-                                min_bytes=min_bytes, bytes_model="minimal",
-                                leaves=lambda s: (s["w"], s["b"]), kernel_bytes=kernel_bytes))
-    return records
+    table = {
+        FUSED: (fused_fn if fg_bn is not None else None, fg_reason),
+        TORCH: (torch_fn, ""),
+        COMPILE: lambda: (compiled(torch_fn), ""),
+    }
+
+    def measure(impl, fn):
+        kernel_bytes = epilogue_kernel_bytes(shape, case.dtype, case.layout, activation,
+                                             residual) if impl == FUSED else None
+        return run_impl(case, ctx, impl, make_inputs, step_of(fn), set_bytes=set_bytes,
+                        min_bytes=min_bytes, bytes_model="minimal",
+                        leaves=lambda s: (s["w"], s["b"]), kernel_bytes=kernel_bytes)
+
+    return run_impls(case, ctx, table, measure)

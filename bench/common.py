@@ -229,6 +229,52 @@ def run_impl(case: Case, ctx: Context, impl: str, make_inputs, step, *, set_byte
     return rec
 
 
+def run_impls(case: Case, ctx: Context, table: dict, measure: Callable) -> list[dict]:
+    """One record per implementation that both the case and the context select, in the
+    case's order. table: impl -> (fn, reason), or a function returning that pair, called only
+    for a selected implementation (``compiled`` resets Dynamo); fn None gives an
+    "unavailable" record with the reason, else ``measure(impl, fn)`` makes the record."""
+    records = []
+    for impl in case.impls:
+        if impl not in ctx.impls:
+            continue
+        entry = table[impl]
+        fn, reason = entry() if callable(entry) else entry
+        records.append(skipped(case, impl, reason, status="unavailable") if fn is None
+                       else measure(impl, fn))
+    return records
+
+
+def with_tflops(rec: dict, flops: float) -> dict:
+    """``rec`` with ``tflops`` for a measured step of ``flops`` floating-point operations."""
+    if rec["status"] == "ok":
+        rec["tflops"] = flops / (rec["ms"] * 1e-3) / 1e12
+    return rec
+
+
+def lm_head_inputs(case: Case, ctx: Context):
+    """(make_inputs, leaves, set_bytes) of a bf16 LM-head step: hidden states ``x``
+    (tokens, hidden) and the head's weight ``W`` (vocab, hidden), both leaves, and class
+    targets ``t``; the shape's "tokens", "hidden" and "vocab"."""
+    import torch
+
+    tokens, hidden, vocab = (case.shape[k] for k in ("tokens", "hidden", "vocab"))
+
+    def make_inputs():
+        return {
+            "x": torch.randn(tokens, hidden, device=ctx.device, dtype=torch.bfloat16,
+                             requires_grad=True),
+            "W": (torch.randn(vocab, hidden, device=ctx.device, dtype=torch.bfloat16)
+                  * hidden ** -0.5).requires_grad_(),
+            "t": torch.randint(0, vocab, (tokens,), device=ctx.device),
+        }
+
+    def leaves(s):
+        return (s["x"], s["W"])
+
+    return make_inputs, leaves, (tokens + vocab) * hidden * 2
+
+
 def add_speedups(records: list[dict]) -> None:
     """For each fusedgrad record: ``speedup[peer] = peer_ms / fused_ms`` within its case."""
     by_case: dict[str, list[dict]] = {}

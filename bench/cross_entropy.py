@@ -47,7 +47,7 @@ from .common import (
     liger_cross_entropy,
     non_leaf,
     run_impl,
-    skipped,
+    run_impls,
     torch_dtype,
 )
 
@@ -182,39 +182,34 @@ def run_case(case: Case, ctx: Context) -> list[dict]:
     def torch_ce(x, t):
         return F.cross_entropy(x, t, reduction=reduction)
 
-    records = []
-    for impl in case.impls:
-        if impl not in ctx.impls:
-            continue
+    def fused(inplace):
+        if fg_ce is None:
+            return None, fg_reason
+
+        def loss_fn(x, t):
+            return fg_ce(x, t, reduction=reduction, inplace_backward=inplace)
+
+        return loss_fn, ""
+
+    def liger_loss(x, t):
+        return liger_ce(x, t, reduction)
+
+    table = {
+        FUSED: lambda: fused(False),
+        FUSED_INPLACE: lambda: fused(True),
+        TORCH: (torch_ce, ""),
+        COMPILE: lambda: (compiled(torch_ce), ""),
+        COMPILE_MAX: lambda: (compiled(torch_ce, mode=COMPILE_MAX_MODE), ""),
+        LIGER: (liger_loss if liger_ce is not None else None, liger_reason),
+    }
+
+    def measure(impl, loss_fn):
         kernel_bytes = None
-        if impl in (FUSED, FUSED_INPLACE):
-            if fg_ce is None:
-                records.append(skipped(case, impl, fg_reason, status="unavailable"))
-                continue
-            inplace = impl == FUSED_INPLACE
+        if impl in (FUSED, FUSED_INPLACE) and not backward_only:
+            kernel_bytes = fused_kernel_bytes(n_rows, vocab, case.dtype, case.mode,
+                                              grad_output_one=grad_output == 1.0)
+        return run_impl(case, bwd_ctx, impl, make_inputs, step_of(loss_fn),
+                        set_bytes=set_bytes, min_bytes=min_bytes, bytes_model="minimal",
+                        kernel_bytes=kernel_bytes, graph=not backward_only)
 
-            def loss_fn(x, t, _inplace=inplace):
-                return fg_ce(x, t, reduction=reduction, inplace_backward=_inplace)
-
-            kernel_bytes = None if backward_only else fused_kernel_bytes(
-                n_rows, vocab, case.dtype, case.mode, grad_output_one=grad_output == 1.0)
-        elif impl == TORCH:
-            loss_fn = torch_ce
-        elif impl == COMPILE:
-            loss_fn = compiled(torch_ce)
-        elif impl == COMPILE_MAX:
-            loss_fn = compiled(torch_ce, mode=COMPILE_MAX_MODE)
-        elif impl == LIGER:
-            if liger_ce is None:
-                records.append(skipped(case, impl, liger_reason, status="unavailable"))
-                continue
-
-            def loss_fn(x, t):
-                return liger_ce(x, t, reduction)
-
-        else:  # pragma: no cover - impls come from cases()
-            raise AssertionError(impl)
-        records.append(run_impl(case, bwd_ctx, impl, make_inputs, step_of(loss_fn),
-                                set_bytes=set_bytes, min_bytes=min_bytes, bytes_model="minimal",
-                                kernel_bytes=kernel_bytes, graph=not backward_only))
-    return records
+    return run_impls(case, ctx, table, measure)

@@ -39,9 +39,12 @@ from .common import (
     compiled,
     fused_op,
     liger_cross_entropy,
+    lm_head_inputs,
     run_impl,
+    run_impls,
     skipped,
     torch_dtype,
+    with_tflops,
 )
 
 LM_TOKENS, LM_HIDDEN, LM_VOCAB = 8192, 2048, 128256
@@ -86,73 +89,51 @@ def cases() -> list[Case]:
 
 
 def run_lm_head(case: Case, ctx: Context) -> list[dict]:
-    import torch
     import torch.nn.functional as F
 
     tokens, hidden, vocab = (case.shape[k] for k in ("tokens", "hidden", "vocab"))
-    set_bytes = (tokens + vocab) * hidden * 2
+    make_inputs, leaves, set_bytes = lm_head_inputs(case, ctx)
 
-    def make_inputs():
-        return {
-            "h": torch.randn(tokens, hidden, device=ctx.device, dtype=torch.bfloat16,
-                             requires_grad=True),
-            "W": (torch.randn(vocab, hidden, device=ctx.device, dtype=torch.bfloat16)
-                  * hidden ** -0.5).requires_grad_(),
-            "t": torch.randint(0, vocab, (tokens,), device=ctx.device),
-        }
-
-    def leaves(s):
-        return (s["h"], s["W"])
-
-    def step_of(loss_fn):
+    def step_of(forward):
+        """The step of ``forward(x, W, t) -> loss``: forward, then backward."""
         def step(s):
-            loss = loss_fn(s["h"] @ s["W"].t(), s["t"])
+            loss = forward(s["x"], s["W"], s["t"])
             loss.backward()
             return loss
 
         return step
+
+    def head_step(loss_fn):
+        """The step of ``loss_fn(logits, t)`` on the eager head's logits x @ W^T."""
+        return step_of(lambda x, w, t: loss_fn(x @ w.t(), t))
+
+    def fused(inplace):
+        if fg_ce is None:
+            return None, fg_reason
+        return head_step(lambda logits, t: fg_ce(logits, t, inplace_backward=inplace)), ""
 
     def torch_loss(logits, t):
         return F.cross_entropy(logits, t)
 
     fg_ce, fg_reason = fused_op("cross_entropy")
     liger_ce, liger_reason = liger_cross_entropy()
+    table = {
+        FUSED: lambda: fused(False),
+        FUSED_INPLACE: lambda: fused(True),
+        TORCH: (head_step(torch_loss), ""),
+        # The whole step's forward (matmul + loss) compiled, as a user would.
+        COMPILE: lambda: (step_of(compiled(lambda x, w, t: F.cross_entropy(x @ w.t(), t))),
+                          ""),
+        LIGER: (head_step(liger_ce) if liger_ce is not None else None, liger_reason),
+    }
     flops = 3 * 2 * tokens * hidden * vocab
-    records = []
-    for impl in case.impls:
-        if impl not in ctx.impls:
-            continue
-        step = None
-        if impl in (FUSED, FUSED_INPLACE):
-            if fg_ce is None:
-                records.append(skipped(case, impl, fg_reason, status="unavailable"))
-                continue
 
-            def fused_loss(logits, t, _inplace=(impl == FUSED_INPLACE)):
-                return fg_ce(logits, t, inplace_backward=_inplace)
+    def measure(impl, step):
+        return with_tflops(run_impl(case, ctx, impl, make_inputs, step, set_bytes=set_bytes,
+                                    min_bytes=0, bytes_model="none (matmul-bound step)",
+                                    leaves=leaves), flops)
 
-            step = step_of(fused_loss)
-        elif impl == TORCH:
-            step = step_of(torch_loss)
-        elif impl == COMPILE:
-            # The whole step's forward (matmul + loss) compiled, as a user would.
-            fwd = compiled(lambda h, W, t: F.cross_entropy(h @ W.t(), t))
-
-            def step(s, _fwd=fwd):
-                loss = _fwd(s["h"], s["W"], s["t"])
-                loss.backward()
-                return loss
-        elif impl == LIGER:
-            if liger_ce is None:
-                records.append(skipped(case, impl, liger_reason, status="unavailable"))
-                continue
-            step = step_of(liger_ce)
-        rec = run_impl(case, ctx, impl, make_inputs, step, set_bytes=set_bytes, min_bytes=0,
-                       bytes_model="none (matmul-bound step)", leaves=leaves)
-        if rec["status"] == "ok":
-            rec["tflops"] = flops / (rec["ms"] * 1e-3) / 1e12
-        records.append(rec)
-    return records
+    return run_impls(case, ctx, table, measure)
 
 
 def resnet_block(channels: int):

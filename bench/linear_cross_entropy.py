@@ -38,8 +38,11 @@ from .common import (
     Context,
     compiled,
     fused_op,
+    lm_head_inputs,
     run_impl,
+    run_impls,
     skipped,
+    with_tflops,
 )
 
 SHAPES = ((8192, 4096, 128256), (4096, 2048, 128256))  # (tokens, hidden, vocab)
@@ -111,23 +114,10 @@ def torch_chunked_linear_cross_entropy():
 
 
 def run_case(case: Case, ctx: Context) -> list[dict]:
-    import torch
     import torch.nn.functional as F
 
     tokens, hidden, vocab = (case.shape[k] for k in ("tokens", "hidden", "vocab"))
-    set_bytes = (tokens + vocab) * hidden * 2
-
-    def make_inputs():
-        return {
-            "x": torch.randn(tokens, hidden, device=ctx.device, dtype=torch.bfloat16,
-                             requires_grad=True),
-            "W": (torch.randn(vocab, hidden, device=ctx.device, dtype=torch.bfloat16)
-                  * hidden ** -0.5).requires_grad_(),
-            "t": torch.randint(0, vocab, (tokens,), device=ctx.device),
-        }
-
-    def leaves(s):
-        return (s["x"], s["W"])
+    make_inputs, leaves, set_bytes = lm_head_inputs(case, ctx)
 
     def step_of(loss_fn):
         def step(s):
@@ -144,27 +134,18 @@ def run_case(case: Case, ctx: Context) -> list[dict]:
     table = {
         FUSED: (fg_lce, fg_reason),
         TORCH: (eager, ""),
+        COMPILE: lambda: (compiled(eager), ""),
         TORCH_LCE: torch_chunked_linear_cross_entropy(),
         LIGER: liger_fused_linear_cross_entropy(),
     }
     flops = 3 * 2 * tokens * hidden * vocab
-    records = []
-    for impl in case.impls:
-        if impl not in ctx.impls:
-            continue
-        if impl == COMPILE:
-            fn = compiled(eager)
-        else:
-            fn, why = table[impl]
-            if fn is None:
-                records.append(skipped(case, impl, why, status="unavailable"))
-                continue
-        rec = run_impl(case, ctx, impl, make_inputs, step_of(fn), set_bytes=set_bytes,
-                       min_bytes=0, bytes_model="none (matmul-bound)", leaves=leaves)
-        if rec["status"] == "ok":
-            rec["tflops"] = flops / (rec["ms"] * 1e-3) / 1e12
-        records.append(rec)
-    return records
+
+    def measure(impl, fn):
+        return with_tflops(run_impl(case, ctx, impl, make_inputs, step_of(fn),
+                                    set_bytes=set_bytes, min_bytes=0,
+                                    bytes_model="none (matmul-bound)", leaves=leaves), flops)
+
+    return run_impls(case, ctx, table, measure)
 
 
 def run_llama_step(case: Case, ctx: Context) -> list[dict]:
