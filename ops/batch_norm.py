@@ -109,15 +109,18 @@ class _BatchNormFunction(torch.autograd.Function):
         # call: the signature's _bn_call.Call; state: (running_mean, running_var,
         # num_batches_tracked). Not tensors of the graph: nothing to differentiate.
         y, res, mean, scale = call.forward(x, weight, bias, residual, *state, keep_stats=True)
-        ctx.save_for_backward(x, weight, bias if call.bias_in_backward else None, res, mean,
-                              scale)
+        if call.recompute_z:
+            ctx.save_for_backward(x, weight, mean, scale, bias, res)
+        else:
+            ctx.save_for_backward(x, weight, mean, scale)
         ctx.call = call
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, weight, bias, res, mean, scale = ctx.saved_tensors
         call = ctx.call
+        x, weight, mean, scale, *z_inputs = ctx.saved_tensors
+        bias, res = z_inputs if call.recompute_z else (None, None)
         need = ctx.needs_input_grad
         want_dw, want_db = need[1] and call.has_weight, need[2] and call.has_bias
         dx, dw, db, dres = call.backward(grad_y, x, weight, bias, res, mean, scale, need[0],
@@ -136,12 +139,6 @@ class _BatchNormFunction(torch.autograd.Function):
 # functorch wrappers: ~10 us, a third of the op's budget); used unless a functorch
 # transform is active, where Function.apply says what it supports.
 _apply_unchecked = super(torch.autograd.Function, _BatchNormFunction).apply
-
-
-def _apply(*args):
-    if torch._C._are_functorch_transforms_active():
-        return _BatchNormFunction.apply(*args)
-    return _apply_unchecked(*args)
 
 
 # ----------------------------------------------------------------------------- custom ops
@@ -408,7 +405,9 @@ def _batch_norm(input, running_mean, running_var, weight, bias, training, moment
             input.requires_grad or (weight is not None and weight.requires_grad)
             or (bias is not None and bias.requires_grad)
             or (residual is not None and residual.requires_grad)):
-        return _apply(input, weight, bias, residual, call, state)
+        if torch._C._are_functorch_transforms_active():
+            return _BatchNormFunction.apply(input, weight, bias, residual, call, state)
+        return _apply_unchecked(input, weight, bias, residual, call, state)
     return call.forward(input, weight, bias, residual, *state, keep_stats=False)[0]
 
 

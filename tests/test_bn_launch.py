@@ -165,6 +165,10 @@ class _AsCompiled:
             return self.kernel[grid](*args, **kwargs)
         return launch
 
+    @property
+    def arg_names(self):
+        return self.kernel.arg_names
+
     def run(self, *args, grid, warmup, **kwargs):  # what kernel[grid](...) calls
         assert not warmup
         return self[grid](*args, **kwargs)
