@@ -32,7 +32,6 @@ from . import _ce_launch as launch
 from . import cross_entropy as ce
 from ._runtime import FP_FUSION, acc_dtype, device_guard, split_f64
 from .kernels import ce_target_grad as kernels
-from .static_check import KernelConfig
 
 # Classes per program: 1024 fp32 logits is 8 values per thread at 4 warps, enough loads in
 # flight; small rows take the next power of two (at least one warp's 32 lanes).
@@ -197,32 +196,3 @@ def cross_entropy_with_target_grad(input, target, weight, ignore_index, reductio
             input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
             needs_grad, divisor, divisor_value, loss_fp32)
     return loss
-
-
-# --- every configuration the heuristics above can choose, for offline compilation ---
-
-_TL = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
-       torch.float64: "fp64"}
-
-
-def static_configs() -> list[KernelConfig]:
-    configs = []
-    block_choices = sorted({target_grad_block_v(v) for v in (1, 100, 300, 600, 5000)})
-    for dtype, ty in _TL.items():
-        acc = "fp64" if dtype == torch.float64 else "fp32"
-        for block_v in block_choices:
-            sig = {"logits_ptr": f"*{ty}", "lse_ptr": f"*{acc}", "weight_ptr": f"*{acc}",
-                   "coef_ptr": f"*{acc}", "out_ptr": f"*{ty}", "n_classes": "i32",
-                   "n_inner": "i32", "l_stride_o": "i32", "l_stride_i": "i32",
-                   "l_stride_c": "constexpr", "o_stride_o": "i32", "o_stride_i": "i32",
-                   "o_stride_c": "constexpr", "coef_stride": "i32", "sc_hi": "fp32",
-                   "sc_lo": "fp32", "has_weight": "i32", "has_softcap": "i32",
-                   "BLOCK_V": "constexpr"}
-            configs.append(KernelConfig(
-                name=f"ce_target_grad[{ty},BLOCK_V={block_v}]",
-                fn=kernels.ce_target_grad_kernel, signature=sig,
-                constexprs={"l_stride_c": 1, "o_stride_c": 1, "BLOCK_V": block_v},
-                num_warps=target_grad_num_warps(block_v),
-                aligned=("logits_ptr", "lse_ptr", "weight_ptr", "coef_ptr", "out_ptr",
-                         "n_classes", "l_stride_o", "o_stride_o")))
-    return configs

@@ -17,6 +17,7 @@ from fusedgrad.kernels.batch_norm import _tile
 
 from bn_reference import reference, run_and_compare
 from helpers import DEVICE, assert_close
+from static_recorded import recorded_reports
 
 
 @triton.jit
@@ -121,32 +122,19 @@ def test_small_shapes_exercise_the_merge():
         assert splits > 1
 
 
-_STATIC_SCRIPT = """
-import json
-from fusedgrad import _bn_launch, static_check
-reports = static_check.compile_all(_bn_launch.static_configs(), arch=90, workers=2)
-print(json.dumps([[r.name, r.registers, r.problems()] for r in reports]))
-"""
-
-
 def test_static_compile_sm90():
-    # Every configuration the launcher can choose compiles for sm_90: no spills, shared
-    # memory within the limit. Compiling needs real (not interpreted) @triton.jit functions,
-    # so it runs in a fresh interpreter without TRITON_INTERPRET (~35 s on 2 cores).
-    import json
-    import os
-    import subprocess
-    import sys
+    # Every configuration the launcher chose over the recorded grid of real calls
+    # (bench/launch_capture.py: every tile of each layout and dtype, every fused activation,
+    # residuals, int64 offsets) compiles for sm_90: no spills, shared memory within the limit.
+    from bench import launch_capture
 
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    res = subprocess.run([sys.executable, "-c", _STATIC_SCRIPT], env=env, capture_output=True,
-                         text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-4000:]
-    reports = json.loads(res.stdout.strip().splitlines()[-1])
-    assert len(reports) == len(L.static_configs())
-    problems = {name: probs for name, _, probs in reports if probs}
+    reports = recorded_reports((launch_capture._bn_calls,))
+    problems = {f"{r['name']} {r['constexprs']}": r["problems"] for r in reports
+                if r["problems"]}
     assert not problems, problems
-    assert max(regs for _, regs, _ in reports) <= 255
+    assert {"bn_stats_kernel", "bn_apply_kernel", "bn_bwd_reduce_kernel",
+            "bn_bwd_dx_kernel"} <= {r["kernel"] for r in reports}
+    assert max(r["registers"] for r in reports) <= 255
 
 
 class _AsCompiled:

@@ -5,10 +5,10 @@ import torch
 
 import fusedgrad as fg
 from fusedgrad import _ce_launch as launch
-from fusedgrad import static_check
 
 from ce_reference import reference_with_grad
 from helpers import DEVICE, assert_close
+from static_recorded import recorded_reports
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
@@ -22,7 +22,6 @@ def test_block_choice_covers_row(dtype, prob):
         assert single == (n <= launch.MAX_SINGLE_BLOCK_V[key])
         if single:
             assert block >= n
-        assert (block, single) in launch._fused_block_choices(dtype, prob)
 
 
 def test_needs_large_offsets():
@@ -48,14 +47,22 @@ def test_int64_offset_path(monkeypatch):
     assert_close(xg.grad, ref_grad, torch.float32, "grad")
 
 
-def test_every_configuration_compiles_for_sm90_without_spills():
-    # Every (kernel, constexpr, num_warps) the launchers can choose, compiled offline.
-    configs = launch.static_configs()
-    assert len({c.name for c in configs}) == len(configs)
-    reports = static_check.compile_all(configs, arch=90, workers=2)
-    problems = [f"{r.name}: {p}" for r in reports for p in r.problems()]
+def test_every_recorded_configuration_compiles_for_sm90_without_spills():
+    # Every (kernel, constexprs, options) the cross-entropy launchers chose over the
+    # recorded grid of real calls (bench/launch_capture.py: vocabularies across every
+    # block-size switch, dtypes, features, int64 offsets, vocab-parallel), compiled offline.
+    from bench import launch_capture
+
+    reports = recorded_reports((launch_capture._ce_calls, launch_capture._vocab_parallel_calls))
+    problems = [f"{r['name']} {r['constexprs']}: {p}" for r in reports for p in r["problems"]]
     assert not problems, "\n".join(problems)
-    # Hot loads of the contiguous, aligned case are 16 bytes wide.
-    fused = [r for r in reports if r.name.startswith("ce_fwd_bwd") and "BLOCK_V=128," not in r.name]
-    assert all(r.widest_load_bits == 128 for r in fused), [
-        (r.name, r.widest_load_bits) for r in fused if r.widest_load_bits != 128]
+    kernels = {r["kernel"] for r in reports}
+    assert {"cross_entropy_fwd_bwd_kernel", "cross_entropy_split_kernel", "scale_grad_kernel",
+            "cross_entropy_shard_stats_kernel", "cross_entropy_shard_grad_kernel"} <= kernels
+    # Hot loads of single-block rows are 16 bytes wide (each was recorded with an aligned
+    # vocabulary: 1024, 2048, ... 16384).
+    fused = [r for r in reports if r["kernel"] == "cross_entropy_fwd_bwd_kernel"
+             and r["constexprs"]["SINGLE_BLOCK"] and r["constexprs"]["BLOCK_V"] > 128]
+    assert fused and all(r["widest_load_bits"] == 128 for r in fused), [
+        (r["name"], r["constexprs"], r["widest_load_bits"]) for r in fused
+        if r["widest_load_bits"] != 128]
