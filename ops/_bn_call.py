@@ -85,9 +85,10 @@ class Call:
     backward variant (which gradients are asked for), and which tensors need converting."""
 
     __slots__ = ("plan", "dtype", "acc", "training", "eps", "activation", "slope", "count",
-                 "has_weight", "has_bias", "has_residual", "weight_dtype", "bias_dtype",
+                 "has_weight", "has_bias", "has_residual", "weight_grad_cast", "bias_grad_cast",
                  "convert_params", "convert_running", "copy_residual", "update", "read_nbt",
-                 "recompute_z", "stats_parts", "stats", "apply", "_backward")
+                 "recompute_z", "C", "n_cblocks", "stats_parts", "reduce_parts", "stats",
+                 "apply", "_backward")
 
     def __init__(self, plan, x, running_mean, running_var, weight, bias, residual, training,
                  momentum, cumulative, eps, activation, slope):
@@ -97,8 +98,9 @@ class Call:
         self.count = plan.N * plan.S  # values per channel
         self.has_weight, self.has_bias = weight is not None, bias is not None
         self.has_residual = residual is not None
-        self.weight_dtype = weight.dtype if weight is not None else None
-        self.bias_dtype = bias.dtype if bias is not None else None
+        # Parameter gradients are computed in acc: converted back if the parameters are not.
+        self.weight_grad_cast = weight.dtype if weight is not None and weight.dtype != acc else None
+        self.bias_grad_cast = bias.dtype if bias is not None and bias.dtype != acc else None
         self.convert_params = any(as_acc(t, acc) is not t for t in (weight, bias))
         self.convert_running = any(as_acc(t, acc) is not t for t in (running_mean, running_var))
         self.copy_residual = residual is not None and L.match_layout(residual, x) is not residual
@@ -107,7 +109,9 @@ class Call:
         self.recompute_z = activation != "identity"
         self.update = training and running_mean is not None
         self.read_nbt = self.update and cumulative
-        self.stats_parts = 3 * plan.splits * plan.C
+        # Scratch sizes: split partials (3 fields forward, 2 backward) and tickets.
+        self.C, self.n_cblocks = plan.C, plan.n_cblocks
+        self.stats_parts, self.reduce_parts = 3 * plan.splits * plan.C, 2 * plan.splits * plan.C
         self.stats = (L.stats_launch(plan, eps, momentum, self.update, self.read_nbt, True)
                       if training else None)
         self.apply = L.apply_launch(plan, not training, self.has_weight, self.has_bias,
@@ -131,8 +135,8 @@ class Call:
             rm, rv = as_acc(rm, acc), as_acc(rv, acc)
         with L.device_guard(x):
             if self.training:
-                part, tickets, _ = L.scratch(dev, acc, self.stats_parts, self.plan.n_cblocks)
-                mean = _alloc.new_empty(part, 2, self.plan.C)  # part: acc, on dev
+                part, tickets, _ = L.scratch(dev, acc, self.stats_parts, self.n_cblocks)
+                mean = _alloc.new_empty(part, 2, self.C)  # part: acc, on dev
                 self.stats(x, part, tickets, mean, rm if self.update else mean,
                            rv if self.update else mean,
                            num_batches_tracked if self.read_nbt else L.dummy_i64(dev))
@@ -176,11 +180,10 @@ class Call:
                  want_dres):
         """(dx, dweight, dbias, dresidual), None where not asked for (want_params: both
         dweight and dbias, in the parameters' dtypes). bias and residual: None unless
-        recompute_z. One reduction launch (sum g and
-        sum g * x_hat; in eval only for the parameters' gradients), then one launch for dx
-        and d(residual)."""
+        recompute_z. One reduction launch (sum g and sum g * x_hat; in eval only for the
+        parameters' gradients), then one launch for dx and d(residual)."""
         reduce, grad = self._backward_launches(want_dx, want_params, want_dres)
-        acc, dev, plan = self.acc, x.device, self.plan
+        acc, dev, C = self.acc, x.device, self.C
         dy = grad_y if grad_y.stride() == x.stride() else L.match_layout(grad_y, x)
         if self.convert_params:
             weight, bias = as_acc(weight, acc), as_acc(bias, acc)
@@ -190,10 +193,10 @@ class Call:
         sums = gw = gb = dx = dres = None
         with L.device_guard(x):
             if reduce is not None:
-                part, tickets, sums = L.scratch(dev, acc, 2 * plan.splits * plan.C,
-                                                plan.n_cblocks, 2 * plan.C)
+                part, tickets, sums = L.scratch(dev, acc, self.reduce_parts, self.n_cblocks,
+                                                2 * C)
                 if want_params:
-                    gw, gb = _alloc.new_empty(mean, plan.C), _alloc.new_empty(mean, plan.C)
+                    gw, gb = _alloc.new_empty(mean, C), _alloc.new_empty(mean, C)
                 reduce(x, dy, res, mean, scale, w, b, part, tickets, sums,
                        gw if want_params else sums, gb if want_params else sums)
             if grad is not None:
@@ -201,9 +204,8 @@ class Call:
                 dres = _alloc.empty_like(x) if want_dres else None
                 grad(x, dy, res, dx if want_dx else x, dres if want_dres else x, mean, scale,
                      w, b, sums if sums is not None else mean, mean)
-        if want_params:
-            if self.has_weight and gw.dtype != self.weight_dtype:
-                gw = gw.to(self.weight_dtype)
-            if self.has_bias and gb.dtype != self.bias_dtype:
-                gb = gb.to(self.bias_dtype)
+        if want_params and self.weight_grad_cast is not None:
+            gw = gw.to(self.weight_grad_cast)
+        if want_params and self.bias_grad_cast is not None:
+            gb = gb.to(self.bias_grad_cast)
         return dx, gw, gb, dres

@@ -224,6 +224,8 @@ def match_layout(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     channels_last x), so that one set of strides addresses every tensor of a kernel."""
     if t.stride() == like.stride() or t.numel() <= 1:
         return t
+    if like.is_contiguous():
+        return t.contiguous()  # one call instead of two (an expanded dy, for instance)
     out = torch.empty_like(like, memory_format=torch.preserve_format)
     out.copy_(t)
     return out
