@@ -14,6 +14,7 @@ import torch
 import triton
 
 from . import _alloc
+from ._launch_record import NO_LAUNCH, Launch, cached_plan, watch
 from ._runtime import FP_FUSION, split_f64
 from .kernels import cross_entropy as ce_kernels
 
@@ -272,48 +273,72 @@ def split_sync_buffer(device: torch.device, n: int) -> torch.Tensor:
     return buf
 
 
-def launch_split(logits3, grad3, target_v, weight, loss_rows, lse_rows, reduce_buf, *,
-                 ignore_index, label_smoothing, z_loss, softcap, prob_target, write_grad,
-                 t_strides, partials=None, sync=None):
-    """The split-row kernel over every row; returns its (partials, sync) buffers.
-    Tests may pass their own (e.g. flags already set, to force the exchange)."""
-    n_outer, n_inner, n_classes = logits3.shape
+def _meta(shape, strides) -> torch.Tensor:
+    """A tensor of this geometry without memory: what needs_large_offsets reads at plan time."""
+    return torch.empty_strided(tuple(shape), tuple(strides), device="meta")
+
+
+def _scalar_args(ignore_index: int, label_smoothing: float, z_loss: float,
+                 softcap: float | None) -> tuple:
+    """The fused kernels' scalar arguments: fp64-exact (hi, lo) pairs of the host floats."""
+    return (ignore_index, *split_f64(label_smoothing), *split_f64(z_loss),
+            *split_f64(softcap if softcap is not None else 1.0))
+
+
+def _split_launch(rows_shape, logit_strides, grad_strides, t_strides, dtype, device, *,
+                  prob_target, has_weight, write_grad, large, scalars, label_smoothing,
+                  softcap) -> tuple[Launch, int]:
+    """(launch, n_chunks) of the split-row kernel; its tensors: logits, grad, target,
+    weight (or any acc buffer), loss_rows, lse_rows, reduce_buf, partials, sync."""
+    n_outer, n_inner, n_classes = rows_shape
     n_rows = n_outer * n_inner
-    dtype = logits3.dtype
-    device = logits3.device
     chunk = split_chunk(dtype, prob_target)
     n_chunks = triton.cdiv(n_classes, chunk)
     grid = split_grid(n_rows, n_chunks, device)
     max_chunks = split_max_chunks(dtype, prob_target)
     if grid == 0 or n_chunks > max_chunks:
         raise RuntimeError(f"split-row path: {n_chunks} programs per row do not fit")
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
-    if partials is None:
-        partials = _alloc.empty((n_rows, n_chunks, 4), dtype=acc, device=device)
-    if sync is None:
-        sync = split_sync_buffer(device, n_rows * (n_chunks + 1))
-    sm_hi, sm_lo = split_f64(label_smoothing)
-    zl_hi, zl_lo = split_f64(z_loss)
-    sc_hi, sc_lo = split_f64(softcap if softcap is not None else 1.0)
     cuda = device.type == "cuda"
     # Cooperative: the driver refuses the launch rather than run a grid that is not
     # co-resident (the grid never exceeds split_capacity, so it never refuses).
     extra = {"launch_cooperative_grid": True} if cuda else {}
     if SPLIT_MAX_REGISTERS:
         extra["maxnreg"] = SPLIT_MAX_REGISTERS
-    ce_kernels.cross_entropy_split_kernel[(grid,)](
-        logits3, grad3, target_v, weight if weight is not None else reduce_buf,
-        loss_rows, lse_rows, reduce_buf, partials, sync,
+    launch = Launch(ce_kernels.cross_entropy_split_kernel, (grid,), (
         n_rows, n_classes, n_inner, n_chunks,
-        *logits3.stride(), *grad3.stride(), *t_strides,
-        ignore_index, sm_hi, sm_lo, zl_hi, zl_lo, sc_hi, sc_lo,
+        *logit_strides, *grad_strides, *t_strides, *scalars,
         int(softcap is not None), int(write_grad), SPLIT_MAX_SPIN if cuda else 0,
-        PROB_TARGET=prob_target, IS_FP64=dtype == torch.float64,
-        LARGE_OFFSETS=needs_large_offsets(logits3, grad3, target_v),
-        HAS_WEIGHT=weight is not None, HAS_SMOOTHING=label_smoothing != 0.0 and not prob_target,
+    ), dict(
+        PROB_TARGET=prob_target, IS_FP64=dtype == torch.float64, LARGE_OFFSETS=large,
+        HAS_WEIGHT=has_weight, HAS_SMOOTHING=label_smoothing != 0.0 and not prob_target,
         CHUNK=chunk, MAX_CHUNKS=max_chunks, num_warps=SPLIT_NUM_WARPS,
         enable_fp_fusion=FP_FUSION, **extra,
-    )
+    ))
+    return launch, n_chunks
+
+
+def launch_split(logits3, grad3, target_v, weight, loss_rows, lse_rows, reduce_buf, *,
+                 ignore_index, label_smoothing, z_loss, softcap, prob_target, write_grad,
+                 t_strides, partials=None, sync=None):
+    """The split-row kernel over every row; returns its (partials, sync) buffers.
+    Tests may pass their own (e.g. flags already set, to force the exchange)."""
+    n_outer, n_inner, _ = logits3.shape
+    n_rows = n_outer * n_inner
+    dtype = logits3.dtype
+    device = logits3.device
+    launch, n_chunks = _split_launch(
+        tuple(logits3.shape), logits3.stride(), grad3.stride(), tuple(t_strides), dtype,
+        device, prob_target=prob_target, has_weight=weight is not None,
+        write_grad=write_grad, large=needs_large_offsets(logits3, grad3, target_v),
+        scalars=_scalar_args(ignore_index, label_smoothing, z_loss, softcap),
+        label_smoothing=label_smoothing, softcap=softcap)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    if partials is None:
+        partials = _alloc.empty((n_rows, n_chunks, 4), dtype=acc, device=device)
+    if sync is None:
+        sync = split_sync_buffer(device, n_rows * (n_chunks + 1))
+    launch(logits3, grad3, target_v, weight if weight is not None else reduce_buf,
+           loss_rows, lse_rows, reduce_buf, partials, sync)
     return partials, sync
 
 
@@ -330,56 +355,116 @@ def two_pass_grid(n_rows: int, device: torch.device | None) -> int:
     return min(n_rows, TWO_PASS_PROGRAMS_PER_SM * sm_count(device))
 
 
-def launch_fwd_bwd(logits3, grad3, target_v, weight, loss_rows, lse_rows, reduce_buf, *,
-                   ignore_index: int, label_smoothing: float, z_loss: float,
-                   softcap: float | None, prob_target: bool, write_grad: bool) -> None:
-    """Run the forward (loss and gradient) over every row on the path choose_path picks.
-    Shapes as in the kernels' docstrings."""
-    n_outer, n_inner, n_classes = logits3.shape
+@dataclasses.dataclass(frozen=True, eq=False)
+class FwdBwdLaunches:
+    """What plan_fwd_bwd decided for one call signature: the forward kernel's launch and
+    the backward's for a 0-dim grad_output.
+
+    Call it with the tensors (any views with the planned geometry, see Launch): logits,
+    grad (None: not written), target, weight (None: no class weights), loss_rows,
+    lse_rows, reduce_buf. The split path allocates its partials per call.
+    """
+
+    path: str
+    rows_shape: tuple                # logits as (n_outer, n_inner, n_classes)
+    grad_strides: tuple              # the gradient's rows strides (the backward's)
+    dtype: torch.dtype
+    device: torch.device
+    forward: Launch
+    scale_grad: Launch               # backward, 0-dim grad_output (NO_LAUNCH: nothing)
+    partials_shape: tuple | None     # split path: per-call (n_rows, n_chunks, 4) partials
+    sync_numel: int                  # split path: flags/counters it needs
+
+    def __call__(self, logits, grad, target, weight, loss_rows, lse_rows, reduce_buf) -> None:
+        if grad is None:
+            grad = logits  # never written: write_grad is 0
+        if weight is None:
+            weight = reduce_buf  # never read: has_weight is 0
+        if self.partials_shape is None:
+            self.forward(logits, grad, target, weight, loss_rows, lse_rows, reduce_buf)
+            return
+        acc = torch.float64 if self.dtype == torch.float64 else torch.float32
+        partials = _alloc.empty(self.partials_shape, dtype=acc, device=self.device)
+        sync = split_sync_buffer(self.device, self.sync_numel)
+        self.forward(logits, grad, target, weight, loss_rows, lse_rows, reduce_buf,
+                     partials, sync)
+
+    def rescale(self, grad, grad_output) -> None:
+        """Backward: grad *= grad_output in place; grad_output is 0-dim or (n_outer,
+        n_inner)."""
+        if grad_output.dim() == 0:
+            self.scale_grad(grad, grad_output)
+        else:
+            plan_scale_grad(self.rows_shape, self.grad_strides, self.dtype, self.device,
+                            grad_output.stride())(grad, grad_output)
+
+
+@cached_plan
+def plan_fwd_bwd(rows_shape: tuple, logit_strides: tuple, grad_strides: tuple | None,
+                 target_strides: tuple, dtype: torch.dtype, device: torch.device, *,
+                 ignore_index: int, label_smoothing: float, z_loss: float,
+                 softcap: float | None, prob_target: bool, has_weight: bool) -> FwdBwdLaunches:
+    """The launches of launch_fwd_bwd for logits of rows_shape (n_outer, n_inner,
+    n_classes) and these rows strides (grad_strides None: no gradient written; target:
+    (outer, inner) for class indices, three strides for probabilities)."""
+    n_outer, n_inner, n_classes = rows_shape
     n_rows = n_outer * n_inner
+    write_grad = grad_strides is not None
+    if grad_strides is None:
+        grad_strides = logit_strides  # the logits stand in for the unwritten gradient
+    scale = (plan_scale_grad(rows_shape, grad_strides, dtype, device, None) if write_grad
+             else NO_LAUNCH)
     if n_rows == 0:
-        return
-    dtype = logits3.dtype
-    path = choose_path(n_rows, n_classes, dtype, prob_target, logits3.device)
+        return FwdBwdLaunches("none", rows_shape, grad_strides, dtype, device, NO_LAUNCH,
+                              scale, None, 0)
+    path = choose_path(n_rows, n_classes, dtype, prob_target, device)
+    t_strides = tuple(target_strides) if prob_target else (*target_strides, 0)
+    target_shape = rows_shape if prob_target else rows_shape[:2]
+    large = needs_large_offsets(_meta(rows_shape, logit_strides),
+                                _meta(rows_shape, grad_strides),
+                                _meta(target_shape, target_strides))
+    scalars = _scalar_args(ignore_index, label_smoothing, z_loss, softcap)
     if path == "split":
-        if grad3 is None:
-            grad3 = logits3  # never written: write_grad is 0
-        t_strides = target_v.stride() if prob_target else (*target_v.stride(), 0)
-        launch_split(logits3, grad3, target_v, weight, loss_rows, lse_rows, reduce_buf,
-                     ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss,
-                     softcap=softcap, prob_target=prob_target, write_grad=write_grad,
-                     t_strides=t_strides)
-        return
+        forward, n_chunks = _split_launch(
+            rows_shape, logit_strides, grad_strides, t_strides, dtype, device,
+            prob_target=prob_target, has_weight=has_weight, write_grad=write_grad,
+            large=large, scalars=scalars, label_smoothing=label_smoothing, softcap=softcap)
+        return FwdBwdLaunches(path, rows_shape, grad_strides, dtype, device, forward, scale,
+                              (n_rows, n_chunks, 4), n_rows * (n_chunks + 1))
     block_v, single = fused_block_v(n_classes, dtype, prob_target)
-    if grad3 is None:
-        grad3 = logits3  # never written: write_grad is 0
-    if prob_target:
-        t_strides = target_v.stride()
-    else:
-        t_strides = (*target_v.stride(), 0)
-    sm_hi, sm_lo = split_f64(label_smoothing)
-    zl_hi, zl_lo = split_f64(z_loss)
-    sc_hi, sc_lo = split_f64(softcap if softcap is not None else 1.0)
-    large = needs_large_offsets(logits3, grad3, target_v)
-    grid = n_rows if single else two_pass_grid(n_rows, logits3.device)
+    grid = n_rows if single else two_pass_grid(n_rows, device)
     max_registers = fwd_bwd_max_registers(block_v, single, dtype == torch.float64)
     extra = {} if max_registers is None else {"maxnreg": max_registers}
     # num_stages=1: the persistent row loop must not be software-pipelined (prefetching
     # the next row doubles the registers a row on chip needs; 16-bit probability rows of
     # 8192 spill at Triton's default 3 stages on sm_90).
     extra["num_stages"] = 1
-    ce_kernels.cross_entropy_fwd_bwd_kernel[(grid,)](
-        logits3, grad3, target_v, weight if weight is not None else reduce_buf,
-        loss_rows, lse_rows, reduce_buf,
-        n_rows, n_classes, n_inner,
-        *logits3.stride(), *grad3.stride(), *t_strides,
-        ignore_index, sm_hi, sm_lo, zl_hi, zl_lo, sc_hi, sc_lo,
-        int(weight is not None), int(softcap is not None), int(write_grad),
+    forward = Launch(ce_kernels.cross_entropy_fwd_bwd_kernel, (grid,), (
+        n_rows, n_classes, n_inner, *logit_strides, *grad_strides, *t_strides, *scalars,
+        int(has_weight), int(softcap is not None), int(write_grad),
+    ), dict(
         PROB_TARGET=prob_target, IS_FP64=dtype == torch.float64, LARGE_OFFSETS=large,
         BLOCK_V=block_v, SINGLE_BLOCK=single,
         num_warps=fwd_bwd_num_warps(block_v, single, dtype == torch.float64),
         enable_fp_fusion=FP_FUSION, **extra,
-    )
+    ))
+    return FwdBwdLaunches(path, rows_shape, grad_strides, dtype, device, forward, scale,
+                          None, 0)
+
+
+def launch_fwd_bwd(logits3, grad3, target_v, weight, loss_rows, lse_rows, reduce_buf, *,
+                   ignore_index: int, label_smoothing: float, z_loss: float,
+                   softcap: float | None, prob_target: bool, write_grad: bool) -> None:
+    """Run the forward (loss and gradient) over every row on the path choose_path picks.
+    Shapes as in the kernels' docstrings."""
+    plan = plan_fwd_bwd(
+        tuple(logits3.shape), logits3.stride(),
+        grad3.stride() if write_grad else None, target_v.stride(), logits3.dtype,
+        logits3.device, ignore_index=ignore_index, label_smoothing=label_smoothing,
+        z_loss=z_loss, softcap=softcap, prob_target=prob_target,
+        has_weight=weight is not None)
+    plan(logits3, grad3 if write_grad else None, target_v, weight, loss_rows, lse_rows,
+         reduce_buf)
 
 
 # Programs per SM of the persistent backward kernel, and the SM count the interpreter
@@ -413,23 +498,34 @@ def scale_grid(n_rows: int, n_classes: int, device: torch.device | None) -> tupl
     return min(n_rows * tiles_per_row, SCALE_PROGRAMS_PER_SM * sm_count(device)), tiles_per_row
 
 
-def launch_scale_grad(grad3, grad_output_v) -> None:
-    """grad3 *= grad_output in place; grad_output_v is 0-dim or (n_outer, n_inner)."""
-    n_outer, n_inner, n_classes = grad3.shape
+@cached_plan
+def plan_scale_grad(rows_shape: tuple, grad_strides: tuple, dtype: torch.dtype,
+                    device: torch.device, go_strides: tuple | None) -> Launch:
+    """The backward's launch (tensors: grad, grad_output) for a gradient of rows_shape
+    (n_outer, n_inner, n_classes) and these strides; go_strides: grad_output's (outer,
+    inner) strides, None for a 0-dim grad_output."""
+    n_outer, n_inner, n_classes = rows_shape
     n_rows = n_outer * n_inner
     if n_rows == 0 or n_classes == 0:
-        return
+        return NO_LAUNCH
     block_v = scale_block_v(n_classes)
-    per_row = grad_output_v.dim() > 0
-    go_strides = grad_output_v.stride() if per_row else (0, 0)
-    programs, tiles_per_row = scale_grid(n_rows, n_classes, grad3.device)
-    ce_kernels.scale_grad_kernel[(programs,)](
-        grad3, grad_output_v, n_rows, n_classes, n_inner, tiles_per_row,
-        *grad3.stride(), *go_strides,
-        PER_ROW=per_row, IS_FP64=grad3.dtype == torch.float64,
-        LARGE_OFFSETS=needs_large_offsets(grad3), BLOCK_V=block_v,
+    per_row = go_strides is not None
+    programs, tiles_per_row = scale_grid(n_rows, n_classes, device)
+    return Launch(ce_kernels.scale_grad_kernel, (programs,), (
+        n_rows, n_classes, n_inner, tiles_per_row, *grad_strides,
+        *(go_strides if per_row else (0, 0)),
+    ), dict(
+        PER_ROW=per_row, IS_FP64=dtype == torch.float64,
+        LARGE_OFFSETS=needs_large_offsets(_meta(rows_shape, grad_strides)), BLOCK_V=block_v,
         num_warps=scale_num_warps(block_v), enable_fp_fusion=FP_FUSION,
-    )
+    ))
+
+
+def launch_scale_grad(grad3, grad_output_v) -> None:
+    """grad3 *= grad_output in place; grad_output_v is 0-dim or (n_outer, n_inner)."""
+    go_strides = grad_output_v.stride() if grad_output_v.dim() > 0 else None
+    plan_scale_grad(tuple(grad3.shape), grad3.stride(), grad3.dtype, grad3.device,
+                    go_strides)(grad3, grad_output_v)
 
 
 def shard_block_v(n_classes: int, dtype: torch.dtype, prob_target: bool) -> int:
@@ -564,3 +660,7 @@ def plan_cross_entropy(n_rows: int, n_classes: int, dtype: torch.dtype, *,
     return CEPlan(path=path, n_rows=n_rows, n_classes=n_classes, kernels=kernels,
                   launches_fwd=1, launches_bwd_go1=launches_bwd,
                   bytes_per_logit_fwd_bwd=per_logit, per_row_bytes=per_row)
+
+
+# Every plan above reads this module's tunables: setting one drops the cached plans.
+watch(__name__)

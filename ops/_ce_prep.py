@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 
+from ._launch_record import Launch, watch
 from ._runtime import FP_FUSION
 from .kernels import ce_prep as prep_kernels
 from .kernels.ce_prep import (  # noqa: F401  (re-exported for ops/cross_entropy.py)
@@ -26,6 +27,23 @@ FINISH_BLOCK = 1024
 FINISH_NUM_WARPS = 4
 
 
+def plan_prep(*, n_rows: int, n_inner: int, n_classes: int, target_strides: tuple[int, int],
+              weight_stride: int | None, ignore_index: int, divisor_hi: float,
+              divisor_lo: float, class_target: bool, weight_sum: bool, divisor_mode: int,
+              is_fp64: bool) -> Launch:
+    """The prep kernel's launch; its tensors: target, weight (or reduce_buf), divisor (or
+    reduce_buf), reduce_buf. weight_stride None: no class weights."""
+    has_weight = weight_stride is not None
+    return Launch(prep_kernels.ce_prep_kernel, (1,), (
+        n_rows, n_inner, n_classes, target_strides[0], target_strides[1],
+        weight_stride if has_weight else 0, ignore_index, divisor_hi, divisor_lo,
+    ), dict(
+        CLASS_TARGET=class_target, HAS_WEIGHT=has_weight, WEIGHT_SUM=weight_sum,
+        DIVISOR_MODE=divisor_mode, IS_FP64=is_fp64, BLOCK=PREP_BLOCK, num_warps=PREP_NUM_WARPS,
+        enable_fp_fusion=FP_FUSION,
+    ))
+
+
 def launch_prep(target_rows, weight, divisor, reduce_buf, *, n_rows: int, n_inner: int,
                 n_classes: int, target_strides: tuple[int, int], ignore_index: int,
                 divisor_hi: float, divisor_lo: float, class_target: bool, weight_sum: bool,
@@ -36,25 +54,25 @@ def launch_prep(target_rows, weight, divisor, reduce_buf, *, n_rows: int, n_inne
     (outer, inner); any tensor when not class_target. weight: (n_classes,) or None.
     divisor: 0-dim device tensor (DIVISOR_DEVICE) or None.
     """
-    has_weight = weight is not None
-    prep_kernels.ce_prep_kernel[(1,)](
-        target_rows, weight if has_weight else reduce_buf,
-        divisor if divisor is not None else reduce_buf, reduce_buf,
-        n_rows, n_inner, n_classes,
-        target_strides[0], target_strides[1], weight.stride(0) if has_weight else 0,
-        ignore_index, divisor_hi, divisor_lo,
-        CLASS_TARGET=class_target, HAS_WEIGHT=has_weight, WEIGHT_SUM=weight_sum,
-        DIVISOR_MODE=divisor_mode, IS_FP64=reduce_buf.dtype == torch.float64,
-        BLOCK=PREP_BLOCK, num_warps=PREP_NUM_WARPS, enable_fp_fusion=FP_FUSION,
-    )
+    launch = plan_prep(
+        n_rows=n_rows, n_inner=n_inner, n_classes=n_classes, target_strides=target_strides,
+        weight_stride=weight.stride(0) if weight is not None else None,
+        ignore_index=ignore_index, divisor_hi=divisor_hi, divisor_lo=divisor_lo,
+        class_target=class_target, weight_sum=weight_sum, divisor_mode=divisor_mode,
+        is_fp64=reduce_buf.dtype == torch.float64)
+    launch(target_rows, weight if weight is not None else reduce_buf,
+           divisor if divisor is not None else reduce_buf, reduce_buf)
+
+
+def plan_finish(n_rows: int) -> Launch:
+    """The finishing reduction's launch; its tensors: loss_rows, reduce_buf, out."""
+    return Launch(prep_kernels.ce_finish_kernel, (1,), (n_rows,), dict(
+        BLOCK=FINISH_BLOCK, num_warps=FINISH_NUM_WARPS, enable_fp_fusion=FP_FUSION))
 
 
 def launch_finish(loss_rows, reduce_buf, out, n_rows: int) -> None:
     """out (0-dim, any float dtype) = sum(loss_rows) / reduce_buf's divisor."""
-    prep_kernels.ce_finish_kernel[(1,)](
-        loss_rows, reduce_buf, out, n_rows, BLOCK=FINISH_BLOCK, num_warps=FINISH_NUM_WARPS,
-        enable_fp_fusion=FP_FUSION,
-    )
+    plan_finish(n_rows)(loss_rows, reduce_buf, out)
 
 
 def plan_host_kernels(n_rows: int, reduction: str) -> list[tuple[str, tuple, dict]]:
@@ -65,3 +83,7 @@ def plan_host_kernels(n_rows: int, reduction: str) -> list[tuple[str, tuple, dic
         kernels.append(("ce_finish_kernel", (1,),
                         {"BLOCK": FINISH_BLOCK, "num_warps": FINISH_NUM_WARPS}))
     return kernels
+
+
+# The plans of ops/cross_entropy.py read the constants above: setting one drops them.
+watch(__name__)
