@@ -1,6 +1,8 @@
 """The cross-entropy backward shared by the single-device op (ops/cross_entropy.py)
 and the vocab-parallel one (ops/_vocab_parallel.py): the forward saved dL/dlogits for
 grad_output == 1; backward rescales it in place (free when grad_output is 1).
+Both ops' autograd (their autograd.Functions and the custom op's register_autograd) save
+the gradient with save_grad and answer backward with grads_for_inputs.
 
 Its own module so that neither op module imports the other (no import circle).
 """
@@ -63,3 +65,27 @@ def _scaled_grad(ctx, grad_output: Tensor) -> Tensor:
     if ratio.dim() > 0 and grad.dim() > 1:
         ratio = ratio.unsqueeze(1)  # per-row factor broadcast over the class dim
     return grad * ratio
+
+
+def save_grad(ctx, grad: Tensor) -> None:
+    """Forward's half: keep dL/dinput (for grad_output 1) for the backward."""
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(grad)
+    ctx.applied_grad_output = None
+
+
+def grads_for_inputs(ctx, grad_loss: Tensor | None, n_inputs: int) -> tuple:
+    """Backward's answer for a forward of n_inputs inputs: the rescaled gradient for the
+    first (the logits), None for the others (targets, weights and options)."""
+    if grad_loss is None:
+        return (None,) * n_inputs
+    return (_scaled_grad(ctx, grad_loss),) + (None,) * (n_inputs - 1)
+
+
+class SavedGradFunction(torch.autograd.Function):
+    """Base of the cross-entropy autograd.Functions: forward computes the loss and calls
+    save_grad(ctx, grad); backward rescales that gradient for the first input."""
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        return grads_for_inputs(ctx, grad_loss, len(ctx.needs_input_grad))

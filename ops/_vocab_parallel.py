@@ -31,7 +31,7 @@ import torch.distributed as dist
 
 from . import _alloc
 from . import _ce_launch as launch
-from ._ce_grad import _scaled_grad
+from ._ce_grad import SavedGradFunction, save_grad
 from ._runtime import acc_dtype, device_guard, host_reads_free
 
 
@@ -163,23 +163,15 @@ def _check_targets(bad, device):
                          "full vocabulary that are not ignore_index")
 
 
-class _VocabParallelCrossEntropy(torch.autograd.Function):
+class _VocabParallelCrossEntropy(SavedGradFunction):
     @staticmethod
     def forward(ctx, input, target, weight, ignore_index, reduction, label_smoothing, z_loss,
                 softcap, inplace, group, loss_dtype):
         grad = input if inplace else _alloc.empty_like(input)
         loss = _forward(input, target, weight, ignore_index, reduction, label_smoothing,
                         z_loss, softcap, grad, group, loss_dtype)
-        ctx.set_materialize_grads(False)
-        ctx.save_for_backward(grad)
-        ctx.applied_grad_output = None
+        save_grad(ctx, grad)
         return loss
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        if grad_loss is None:
-            return (None,) * 11
-        return (_scaled_grad(ctx, grad_loss),) + (None,) * 10
 
 
 def _loss_dtype(input) -> torch.dtype:

@@ -27,7 +27,7 @@ from torch import Tensor
 from . import _alloc
 from . import _ce_launch as launch
 from . import _ce_prep as prep
-from ._ce_grad import _rescale_in_place, _scaled_grad
+from ._ce_grad import SavedGradFunction, _rescale_in_place, grads_for_inputs, save_grad
 from ._ce_validate import split_divisor, validate
 from ._runtime import acc_dtype, device_guard, host_reads_free, split_f64
 from ._vocab_parallel import vocab_parallel_cross_entropy
@@ -262,24 +262,20 @@ def _(grad, grad_output):
 def _setup_context(ctx, inputs, output):
     _, grad = output
     ctx.mark_non_differentiable(grad)
-    ctx.set_materialize_grads(False)
-    ctx.save_for_backward(grad)
-    ctx.applied_grad_output = None
+    save_grad(ctx, grad)
 
 
 _N_FWD_ARGS = 11  # cross_entropy_fwd's inputs: one gradient (or None) each
 
 
 def _backward(ctx, grad_loss, _grad_grad):
-    if grad_loss is None:
-        return (None,) * _N_FWD_ARGS
-    return (_scaled_grad(ctx, grad_loss),) + (None,) * (_N_FWD_ARGS - 1)
+    return grads_for_inputs(ctx, grad_loss, _N_FWD_ARGS)
 
 
 cross_entropy_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-class _InplaceCrossEntropy(torch.autograd.Function):
+class _InplaceCrossEntropy(SavedGradFunction):
     """Autograd for the in-place variant (register_autograd takes functional ops only)."""
 
     @staticmethod
@@ -292,16 +288,8 @@ class _InplaceCrossEntropy(torch.autograd.Function):
         loss = torch.ops.fusedgrad.cross_entropy_fwd_inplace(
             input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
             divisor, divisor_value)
-        ctx.set_materialize_grads(False)
-        ctx.save_for_backward(input)
-        ctx.applied_grad_output = None
+        save_grad(ctx, input)
         return loss
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        if grad_loss is None:
-            return (None,) * 10
-        return (_scaled_grad(ctx, grad_loss),) + (None,) * 9
 
 
 # ---------------------------------------------------------------- public API
@@ -475,7 +463,7 @@ def _call_key(input, target, weight, ignore_index, reduction, label_smoothing, z
     return key
 
 
-class _CrossEntropyFunction(torch.autograd.Function):
+class _CrossEntropyFunction(SavedGradFunction):
     """Eager autograd of the functional op without the custom-op dispatch (same
     forward, same backward as ``cross_entropy_fwd`` + ``register_autograd``)."""
 
@@ -488,16 +476,8 @@ class _CrossEntropyFunction(torch.autograd.Function):
                              label_smoothing, z_loss, softcap, divisor, divisor_value,
                              plan=plan, rows_geometry_out=geometry)
         ctx.grad_rows_geometry = geometry[0] if geometry else None
-        ctx.set_materialize_grads(False)
-        ctx.save_for_backward(grad)
-        ctx.applied_grad_output = None
+        save_grad(ctx, grad)
         return loss
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        if grad_loss is None:
-            return (None,) * 11
-        return (_scaled_grad(ctx, grad_loss),) + (None,) * 10
 
 
 # torch.autograd.Function.apply without its Python wrapper, which only binds default
