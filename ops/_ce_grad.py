@@ -9,30 +9,42 @@ Its own module so that neither op module imports the other (no import circle).
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 from torch import Tensor
 
 from . import _ce_launch as launch
 from ._runtime import device_guard
 
-_NO_GUARD = contextlib.nullcontext()
 
-
-def _rescale_in_place(grad: Tensor, grad_output: Tensor, rows_geometry=None) -> None:
-    """grad *= grad_output; rows_geometry: (shape, stride) of grad as rows, when known."""
-    if rows_geometry is not None:
-        grad3 = grad.as_strided(*rows_geometry)
+def _rescale_in_place(grad: Tensor, grad_output: Tensor, launches=None) -> None:
+    """grad *= grad_output; launches: the forward's FwdBwdLaunches (ops/_ce_launch.py) that
+    wrote grad, whose backward launch is planned already (None: plan it here)."""
+    if grad.is_cuda:  # Triton launches on the current device: make it grad's
+        with device_guard(grad):
+            _launch_rescale(grad, grad_output, launches)
+    elif launches is not None and grad_output.dim() == 0:
+        launches.scale_grad(grad, grad_output)  # the common backward, planned in forward
     else:
+        _launch_rescale(grad, grad_output, launches)
+
+
+def _launch_rescale(grad: Tensor, go: Tensor, launches) -> None:
+    if launches is not None and go.dim() == 0:
+        launches.scale_grad(grad, go)  # the common backward: planned with the forward
+        return
+    if launches is None:
         grad3 = launch.rows_view(grad, class_dim=True)
-    go = grad_output
+        rows = grad3.shape
+    else:
+        rows = launches.rows_shape
     if go.dim() > 0:
         # (N, d1..dk) -> (N, S): a view when the strides allow, else an O(rows) copy
         # (autograd may hand over e.g. an expanded tensor with strides (4, 0, 1)).
-        go = go.reshape(grad3.shape[0], grad3.shape[1])
-    with device_guard(grad) if grad.is_cuda else _NO_GUARD:
+        go = go.reshape(rows[0], rows[1])
+    if launches is None:
         launch.launch_scale_grad(grad3, go)
+    else:
+        launches.rescale(grad, go)
 
 
 def _scaled_grad(ctx, grad_output: Tensor) -> Tensor:
@@ -55,7 +67,7 @@ def _scaled_grad(ctx, grad_output: Tensor) -> Tensor:
             # Eager: launch directly. Through the custom op the declared mutation would
             # bump the buffer's version and a retained graph's second backward would then
             # refuse to unpack it; nothing else holds this buffer.
-            _rescale_in_place(grad, grad_output, getattr(ctx, "grad_rows_geometry", None))
+            _rescale_in_place(grad, grad_output, ctx.grad_launches)
         else:
             # Traced by torch.compile (fake/functional tensors): the op, so the
             # mutation is visible to functionalization.
@@ -67,11 +79,13 @@ def _scaled_grad(ctx, grad_output: Tensor) -> Tensor:
     return grad * ratio
 
 
-def save_grad(ctx, grad: Tensor) -> None:
-    """Forward's half: keep dL/dinput (for grad_output 1) for the backward."""
+def save_grad(ctx, grad: Tensor, launches=None) -> None:
+    """Forward's half: keep dL/dinput (for grad_output 1) for the backward; launches: the
+    forward's FwdBwdLaunches when it has them (the backward's launch is planned there)."""
     ctx.set_materialize_grads(False)
     ctx.save_for_backward(grad)
     ctx.applied_grad_output = None
+    ctx.grad_launches = launches
 
 
 def grads_for_inputs(ctx, grad_loss: Tensor | None, n_inputs: int) -> tuple:
@@ -88,4 +102,7 @@ class SavedGradFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
-        return grads_for_inputs(ctx, grad_loss, len(ctx.needs_input_grad))
+        n_inputs = len(ctx.needs_input_grad)
+        if grad_loss is None:
+            return (None,) * n_inputs
+        return (_scaled_grad(ctx, grad_loss),) + (None,) * (n_inputs - 1)

@@ -8,13 +8,14 @@ axis is dim 1, the rows are (sample, flattened spatial position).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import torch
 import triton
 
 from . import _alloc
-from ._launch_record import NO_LAUNCH, Launch, cached_plan, watch
+from ._launch_record import NO_LAUNCH, Launch, cached_plan, make_launch, watch
 from ._runtime import FP_FUSION, split_f64
 from .kernels import cross_entropy as ce_kernels
 
@@ -285,6 +286,10 @@ def _scalar_args(ignore_index: int, label_smoothing: float, z_loss: float,
             *split_f64(softcap if softcap is not None else 1.0))
 
 
+# The fused kernels' tensor arguments (the split-row kernel adds its partials and flags).
+_FWD_TENSORS = ("logits", "grad", "target", "weight", "loss_rows", "lse_rows", "reduce_buf")
+
+
 def _split_launch(rows_shape, logit_strides, grad_strides, t_strides, dtype, device, *,
                   prob_target, has_weight, write_grad, large, scalars, label_smoothing,
                   softcap) -> tuple[Launch, int]:
@@ -304,7 +309,8 @@ def _split_launch(rows_shape, logit_strides, grad_strides, t_strides, dtype, dev
     extra = {"launch_cooperative_grid": True} if cuda else {}
     if SPLIT_MAX_REGISTERS:
         extra["maxnreg"] = SPLIT_MAX_REGISTERS
-    launch = Launch(ce_kernels.cross_entropy_split_kernel, (grid,), (
+    launch = make_launch(ce_kernels.cross_entropy_split_kernel, (grid,), _FWD_TENSORS + (
+        "partials", "sync"), (
         n_rows, n_classes, n_inner, n_chunks,
         *logit_strides, *grad_strides, *t_strides, *scalars,
         int(softcap is not None), int(write_grad), SPLIT_MAX_SPIN if cuda else 0,
@@ -357,12 +363,14 @@ def two_pass_grid(n_rows: int, device: torch.device | None) -> int:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class FwdBwdLaunches:
-    """What plan_fwd_bwd decided for one call signature: the forward kernel's launch and
-    the backward's for a 0-dim grad_output.
+    """What plan_fwd_bwd decided for one call signature: the forward and the backward's
+    launch for a 0-dim grad_output.
 
-    Call it with the tensors (any views with the planned geometry, see Launch): logits,
-    grad (None: not written), target, weight (None: no class weights), loss_rows,
-    lse_rows, reduce_buf. The split path allocates its partials per call.
+    ``run(logits, grad, target, weight, loss_rows, lse_rows, reduce_buf)`` launches the
+    forward; every tensor is given (the logits for an unwritten gradient, any acc-dtype
+    buffer for absent weights), any view with the planned geometry (see make_launch). The
+    split path allocates its partials per call. Calling the record itself does the same
+    with None for an unwritten gradient or absent weights.
     """
 
     path: str
@@ -370,24 +378,12 @@ class FwdBwdLaunches:
     grad_strides: tuple              # the gradient's rows strides (the backward's)
     dtype: torch.dtype
     device: torch.device
-    forward: Launch
+    run: Launch                      # the forward
     scale_grad: Launch               # backward, 0-dim grad_output (NO_LAUNCH: nothing)
-    partials_shape: tuple | None     # split path: per-call (n_rows, n_chunks, 4) partials
-    sync_numel: int                  # split path: flags/counters it needs
 
     def __call__(self, logits, grad, target, weight, loss_rows, lse_rows, reduce_buf) -> None:
-        if grad is None:
-            grad = logits  # never written: write_grad is 0
-        if weight is None:
-            weight = reduce_buf  # never read: has_weight is 0
-        if self.partials_shape is None:
-            self.forward(logits, grad, target, weight, loss_rows, lse_rows, reduce_buf)
-            return
-        acc = torch.float64 if self.dtype == torch.float64 else torch.float32
-        partials = _alloc.empty(self.partials_shape, dtype=acc, device=self.device)
-        sync = split_sync_buffer(self.device, self.sync_numel)
-        self.forward(logits, grad, target, weight, loss_rows, lse_rows, reduce_buf,
-                     partials, sync)
+        self.run(logits, grad if grad is not None else logits, target,
+                 weight if weight is not None else reduce_buf, loss_rows, lse_rows, reduce_buf)
 
     def rescale(self, grad, grad_output) -> None:
         """Backward: grad *= grad_output in place; grad_output is 0-dim or (n_outer,
@@ -416,7 +412,7 @@ def plan_fwd_bwd(rows_shape: tuple, logit_strides: tuple, grad_strides: tuple | 
              else NO_LAUNCH)
     if n_rows == 0:
         return FwdBwdLaunches("none", rows_shape, grad_strides, dtype, device, NO_LAUNCH,
-                              scale, None, 0)
+                              scale)
     path = choose_path(n_rows, n_classes, dtype, prob_target, device)
     t_strides = tuple(target_strides) if prob_target else (*target_strides, 0)
     target_shape = rows_shape if prob_target else rows_shape[:2]
@@ -429,8 +425,10 @@ def plan_fwd_bwd(rows_shape: tuple, logit_strides: tuple, grad_strides: tuple | 
             rows_shape, logit_strides, grad_strides, t_strides, dtype, device,
             prob_target=prob_target, has_weight=has_weight, write_grad=write_grad,
             large=large, scalars=scalars, label_smoothing=label_smoothing, softcap=softcap)
-        return FwdBwdLaunches(path, rows_shape, grad_strides, dtype, device, forward, scale,
-                              (n_rows, n_chunks, 4), n_rows * (n_chunks + 1))
+        run = functools.partial(_run_split, forward, (n_rows, n_chunks, 4),
+                                torch.float64 if dtype == torch.float64 else torch.float32,
+                                device, n_rows * (n_chunks + 1))
+        return FwdBwdLaunches(path, rows_shape, grad_strides, dtype, device, run, scale)
     block_v, single = fused_block_v(n_classes, dtype, prob_target)
     grid = n_rows if single else two_pass_grid(n_rows, device)
     max_registers = fwd_bwd_max_registers(block_v, single, dtype == torch.float64)
@@ -439,7 +437,7 @@ def plan_fwd_bwd(rows_shape: tuple, logit_strides: tuple, grad_strides: tuple | 
     # the next row doubles the registers a row on chip needs; 16-bit probability rows of
     # 8192 spill at Triton's default 3 stages on sm_90).
     extra["num_stages"] = 1
-    forward = Launch(ce_kernels.cross_entropy_fwd_bwd_kernel, (grid,), (
+    forward = make_launch(ce_kernels.cross_entropy_fwd_bwd_kernel, (grid,), _FWD_TENSORS, (
         n_rows, n_classes, n_inner, *logit_strides, *grad_strides, *t_strides, *scalars,
         int(has_weight), int(softcap is not None), int(write_grad),
     ), dict(
@@ -448,8 +446,15 @@ def plan_fwd_bwd(rows_shape: tuple, logit_strides: tuple, grad_strides: tuple | 
         num_warps=fwd_bwd_num_warps(block_v, single, dtype == torch.float64),
         enable_fp_fusion=FP_FUSION, **extra,
     ))
-    return FwdBwdLaunches(path, rows_shape, grad_strides, dtype, device, forward, scale,
-                          None, 0)
+    return FwdBwdLaunches(path, rows_shape, grad_strides, dtype, device, forward, scale)
+
+
+def _run_split(forward: Launch, partials_shape: tuple, acc: torch.dtype, device: torch.device,
+               sync_numel: int, *tensors) -> None:
+    """FwdBwdLaunches.run of the split path: the launch with this call's partials (n_rows,
+    n_chunks, 4) and the reused zeroed flags."""
+    partials = _alloc.empty(partials_shape, dtype=acc, device=device)
+    forward(*tensors, partials, split_sync_buffer(device, sync_numel))
 
 
 def launch_fwd_bwd(logits3, grad3, target_v, weight, loss_rows, lse_rows, reduce_buf, *,
@@ -511,7 +516,7 @@ def plan_scale_grad(rows_shape: tuple, grad_strides: tuple, dtype: torch.dtype,
     block_v = scale_block_v(n_classes)
     per_row = go_strides is not None
     programs, tiles_per_row = scale_grid(n_rows, n_classes, device)
-    return Launch(ce_kernels.scale_grad_kernel, (programs,), (
+    return make_launch(ce_kernels.scale_grad_kernel, (programs,), ("grad", "grad_output"), (
         n_rows, n_classes, n_inner, tiles_per_row, *grad_strides,
         *(go_strides if per_row else (0, 0)),
     ), dict(

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from ._launch_record import Launch, watch
+from ._launch_record import Launch, make_launch, watch
 from ._runtime import FP_FUSION
 from .kernels import ce_prep as prep_kernels
 from .kernels.ce_prep import (  # noqa: F401  (re-exported for ops/cross_entropy.py)
@@ -34,7 +34,8 @@ def plan_prep(*, n_rows: int, n_inner: int, n_classes: int, target_strides: tupl
     """The prep kernel's launch; its tensors: target, weight (or reduce_buf), divisor (or
     reduce_buf), reduce_buf. weight_stride None: no class weights."""
     has_weight = weight_stride is not None
-    return Launch(prep_kernels.ce_prep_kernel, (1,), (
+    tensors = ("target", "weight", "divisor", "reduce_buf")
+    return make_launch(prep_kernels.ce_prep_kernel, (1,), tensors, (
         n_rows, n_inner, n_classes, target_strides[0], target_strides[1],
         weight_stride if has_weight else 0, ignore_index, divisor_hi, divisor_lo,
     ), dict(
@@ -66,8 +67,9 @@ def launch_prep(target_rows, weight, divisor, reduce_buf, *, n_rows: int, n_inne
 
 def plan_finish(n_rows: int) -> Launch:
     """The finishing reduction's launch; its tensors: loss_rows, reduce_buf, out."""
-    return Launch(prep_kernels.ce_finish_kernel, (1,), (n_rows,), dict(
-        BLOCK=FINISH_BLOCK, num_warps=FINISH_NUM_WARPS, enable_fp_fusion=FP_FUSION))
+    return make_launch(prep_kernels.ce_finish_kernel, (1,), ("loss_rows", "reduce_buf", "out"),
+                       (n_rows,), dict(BLOCK=FINISH_BLOCK, num_warps=FINISH_NUM_WARPS,
+                                       enable_fp_fusion=FP_FUSION))
 
 
 def launch_finish(loss_rows, reduce_buf, out, n_rows: int) -> None:

@@ -17,8 +17,6 @@ Two forward variants:
 
 from __future__ import annotations
 
-import contextlib
-import functools
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +27,7 @@ from . import _ce_launch as launch
 from . import _ce_prep as prep
 from ._ce_grad import SavedGradFunction, _rescale_in_place, grads_for_inputs, save_grad
 from ._ce_validate import split_divisor, validate
+from ._launch_record import cached_plan, register_cache
 from ._runtime import acc_dtype, device_guard, host_reads_free, split_f64
 from ._vocab_parallel import vocab_parallel_cross_entropy
 
@@ -56,36 +55,58 @@ def _check_targets_in_range(target: Tensor, n_classes: int, ignore_index: int) -
         )
 
 
-# ---------------------------------------------------------------- per-shape decisions
+# ---------------------------------------------------------------- per-call-signature plans
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, eq=False)
 class _Plan:
-    """What a call does, decided once per (shapes, strides, dtypes, reduction, ...)."""
+    """What a call does, decided once per signature: shapes, strides, dtypes and device of
+    the tensors, the reduction and the scalar arguments (ops/_launch_record.py). Holds
+    every launch with its grid and packed scalars, so a planned call only allocates and
+    launches."""
 
     n_rows: int
-    n_inner: int
     n_classes: int
-    prob_target: bool
     acc: torch.dtype
+    class_target: bool
+    half: bool                              # 16-bit logits (autocast takes its own op)
     rows_shape: tuple[int, int, int]        # logits as (n_outer, n_inner, n_classes)
-    rows_stride: tuple[int, int, int]       # ... for the strides in the key
-    target_rows_shape: tuple[int, ...]      # target as (n_outer, n_inner[, n_classes])
-    target_rows_stride: tuple[int, ...]
-    target_to_int64: bool
+    rows_stride: tuple[int, int, int]
+    grad_stride: tuple[int, ...]            # a gradient buffer allocated like the logits
+    target_to_int64: bool                   # the fused kernel reads int64 class indices
     loss_shape: tuple[int, ...]             # reduction="none"
-    divisor_mode: int                       # kernels/ce_prep.py DIVISOR_*
-    weight_sum: bool                        # the prep kernel sums the class weights
+    ignore_index: int
+    prep_args: dict                         # _ce_prep.plan_prep's, less the host divisor
+    prep: object                            # ... its launch without a host divisor
+    fwd_args: dict                          # _ce_launch.plan_fwd_bwd's, less the geometry
+    fwd_nograd: launch.FwdBwdLaunches       # no gradient written
+    fwd_grad: launch.FwdBwdLaunches         # gradient into a buffer with grad_stride
+    finish: object                          # final reduction (None: reduction="none")
 
 
-@functools.lru_cache(maxsize=512)
-def _plan(in_shape, in_stride, in_dtype, t_shape, t_stride, t_dtype, has_weight, reduction,
-          smoothing, divisor_kind) -> _Plan:
-    """Per-shape decisions (no tensor data is read). divisor_kind: None, "host", "device"."""
+@cached_plan
+def _plan(in_shape, in_stride, in_dtype, device, t_shape, t_stride, t_dtype, weight_meta,
+          reduction, ignore_index, label_smoothing, z_loss, softcap, divisor_kind) -> _Plan:
+    """Per-signature decisions (no tensor data is read). weight_meta: None or the class
+    weights' (shape, stride, dtype); divisor_kind: None, "host" or "device"."""
+    # -0.0 and 0.0 share a cache key; the kernels get +0.0 for both (the same op).
+    label_smoothing = float(label_smoothing) + 0.0
+    z_loss = float(z_loss) + 0.0
+    softcap = float(softcap) if softcap is not None else None
     meta = torch.empty_strided(in_shape, in_stride, dtype=in_dtype, device="meta")
     target = torch.empty_strided(t_shape, t_stride, dtype=t_dtype, device="meta")
     prob_target = t_dtype.is_floating_point
+    acc = acc_dtype(in_dtype)
     rows = launch.rows_view(meta, class_dim=True)
-    target_rows = launch.rows_view(target, class_dim=prob_target)
+    # Every tensor made per call is made here on the meta device by the same torch ops,
+    # so the plan knows its strides: the gradient, int64 targets, fp32 class weights.
+    grad = torch.empty_like(meta)
+    target_to_int64 = not prob_target and t_dtype != torch.int64
+    kernel_target = target.to(torch.int64) if target_to_int64 else target
+    weight_stride = None
+    if weight_meta is not None:
+        w_shape, w_stride, w_dtype = weight_meta
+        weight = torch.empty_strided(w_shape, w_stride, dtype=w_dtype, device="meta")
+        weight_stride = weight.to(acc).contiguous().stride(0)
     if prob_target:
         mode = prep.DIVISOR_N_ROWS if reduction == "mean" else prep.DIVISOR_ONE
     elif reduction == "mean":
@@ -96,41 +117,75 @@ def _plan(in_shape, in_stride, in_dtype, t_shape, t_stride, t_dtype, has_weight,
         mode = prep.DIVISOR_HOST
     elif divisor_kind == "device":
         mode = prep.DIVISOR_DEVICE
+    n_outer, n_inner, n_classes = rows.shape
+    n_rows = n_outer * n_inner
+    prep_args = dict(
+        n_rows=n_rows, n_inner=n_inner, n_classes=n_classes,
+        target_strides=launch.rows_view(target, class_dim=prob_target).stride()[:2],
+        weight_stride=weight_stride, ignore_index=ignore_index, class_target=not prob_target,
+        weight_sum=weight_meta is not None and label_smoothing != 0, divisor_mode=mode,
+        is_fp64=acc == torch.float64)
+    fwd_args = dict(
+        target_strides=launch.rows_view(kernel_target, class_dim=prob_target).stride(),
+        dtype=in_dtype, device=device, ignore_index=ignore_index,
+        label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
+        prob_target=prob_target, has_weight=weight_meta is not None)
+    rows_shape, rows_stride = tuple(rows.shape), rows.stride()
     return _Plan(
-        n_rows=rows.shape[0] * rows.shape[1], n_inner=rows.shape[1], n_classes=rows.shape[2],
-        prob_target=prob_target, acc=acc_dtype(in_dtype),
-        rows_shape=tuple(rows.shape), rows_stride=rows.stride(),
-        target_rows_shape=tuple(target_rows.shape), target_rows_stride=target_rows.stride(),
-        target_to_int64=not prob_target and t_dtype != torch.int64,
-        loss_shape=tuple(_loss_shape(meta, prob_target, target)),
-        divisor_mode=mode, weight_sum=has_weight and smoothing,
+        n_rows=n_rows, n_classes=n_classes, acc=acc, class_target=not prob_target,
+        half=in_dtype in _HALF, rows_shape=rows_shape, rows_stride=rows_stride,
+        grad_stride=grad.stride(), target_to_int64=target_to_int64,
+        loss_shape=tuple(_loss_shape(meta, prob_target, target)), ignore_index=ignore_index,
+        prep_args=prep_args, prep=prep.plan_prep(**prep_args, divisor_hi=1.0, divisor_lo=0.0),
+        fwd_args=fwd_args,
+        fwd_nograd=launch.plan_fwd_bwd(rows_shape, rows_stride, None, **fwd_args),
+        fwd_grad=launch.plan_fwd_bwd(
+            rows_shape, rows_stride, launch.rows_view(grad, class_dim=True).stride(),
+            **fwd_args),
+        finish=prep.plan_finish(n_rows) if reduction != "none" else None,
     )
 
 
 def _plan_of(input: Tensor, target: Tensor, weight: Tensor | None, reduction: str,
-             label_smoothing: float, divisor_kind: str | None = None) -> _Plan:
-    return _plan(input.shape, input.stride(), input.dtype, target.shape, target.stride(),
-                 target.dtype, weight is not None, reduction, label_smoothing != 0,
-                 divisor_kind)
+             ignore_index: int, label_smoothing: float, z_loss: float, softcap: float | None,
+             divisor_kind: str | None = None) -> _Plan:
+    weight_meta = None if weight is None else (weight.shape, weight.stride(), weight.dtype)
+    return _plan(input.shape, input.stride(), input.dtype, input.device, target.shape,
+                 target.stride(), target.dtype, weight_meta, reduction, ignore_index,
+                 label_smoothing, z_loss, softcap, divisor_kind)
 
 
-_NO_GUARD = contextlib.nullcontext()
-
-
-def _guard(t: Tensor):
-    """Make t's CUDA device current while launching (nothing to do on CPU)."""
-    return device_guard(t) if t.is_cuda else _NO_GUARD
-
-
-def _rows(t: Tensor, plan: _Plan, in_stride) -> Tensor:
-    """t as (n_outer, n_inner, n_classes): a cheap as_strided when t has the planned
-    strides (the logits, and a gradient buffer allocated like them), else rows_view."""
-    if t.stride() == in_stride:
-        return t.as_strided(plan.rows_shape, plan.rows_stride)
-    return launch.rows_view(t, class_dim=True)
+def _launches_for(plan: _Plan, grad: Tensor | None) -> launch.FwdBwdLaunches:
+    """The forward's launches writing the gradient into ``grad`` (None: none written)."""
+    if grad is None:
+        return plan.fwd_nograd
+    if grad.stride() == plan.grad_stride:  # allocated like the logits, or the logits
+        return plan.fwd_grad
+    return launch.plan_fwd_bwd(plan.rows_shape, plan.rows_stride,
+                               launch.rows_view(grad, class_dim=True).stride(),
+                               **plan.fwd_args)
 
 
 # ---------------------------------------------------------------- forward
+
+# The fused kernels always write each row's log-sum-exp; only the target-gradient path
+# reads it (lse_out). Elsewhere it goes to a per-device sink that nothing ever reads, so
+# calls on any stream, and captured CUDA graphs, may share it without a race: one
+# allocation less per call. A sink too short is replaced by one twice as long; every sink
+# stays alive (a captured graph may still write into an old one).
+_LSE_SINKS: dict = {}
+_LSE_SINKS_KEPT: list = []
+
+
+def _lse_sink(device: torch.device, dtype: torch.dtype, n_rows: int) -> Tensor:
+    sink = _LSE_SINKS.get((device, dtype))
+    if sink is None or sink.numel() < n_rows:
+        size = max(n_rows, 2 * sink.numel() if sink is not None else 1024)
+        sink = torch.empty(size, dtype=dtype, device=device)
+        _LSE_SINKS[(device, dtype)] = sink
+        _LSE_SINKS_KEPT.append(sink)
+    return sink
+
 
 def _divisor_kind(divisor: Tensor | None, divisor_value: float | None) -> str | None:
     """How the reduction="sum" divisor reaches the prep kernel: "device", "host" or None."""
@@ -139,11 +194,66 @@ def _divisor_kind(divisor: Tensor | None, divisor_value: float | None) -> str | 
     return "host" if divisor_value is not None else None
 
 
+def _run_forward(plan: _Plan, launches: launch.FwdBwdLaunches, input: Tensor, target: Tensor,
+                 weight: Tensor | None, grad: Tensor | None, divisor: Tensor | None = None,
+                 divisor_value: float | None = None, *, lse_out: list | None = None,
+                 loss_dtype: torch.dtype | None = None) -> Tensor:
+    """The planned call: the prep, fused and finishing kernels on these tensors (with the
+    plan's geometry; launches from _launches_for(plan, grad)). See _forward_into."""
+    if input.is_cuda:  # Triton launches on the current device: make it input's
+        with device_guard(input):
+            return _launch_forward(plan, launches, input, target, weight, grad, divisor,
+                                   divisor_value, lse_out, loss_dtype)
+    return _launch_forward(plan, launches, input, target, weight, grad, divisor, divisor_value,
+                           lse_out, loss_dtype)
+
+
+def _launch_forward(plan, launches, input, target, weight, grad, divisor, divisor_value,
+                    lse_out, loss_dtype) -> Tensor:
+    acc = plan.acc
+    device = input.device
+    if weight is not None:
+        weight = weight.to(acc).contiguous()
+    # [scale, W, divisor, n_bad], all computed on the device. Where the host can read
+    # device memory for free (CPU tensors under the interpreter) it checks n_bad and
+    # raises; elsewhere the prep kernel's device assert fires.
+    host_check = plan.class_target and host_reads_free(device)
+    if host_check:
+        reduce_buf = torch.zeros(prep.REDUCE_SLOTS, dtype=acc, device=device)
+    else:
+        reduce_buf = _alloc.empty(prep.REDUCE_SLOTS, dtype=acc, device=device)
+    prep_launch = plan.prep
+    if divisor_value is not None:  # a host number: its own scalar arguments
+        hi, lo = split_f64(divisor_value)
+        prep_launch = prep.plan_prep(**plan.prep_args, divisor_hi=hi, divisor_lo=lo)
+    prep_launch(target, weight if weight is not None else reduce_buf,
+                divisor if divisor is not None else reduce_buf, reduce_buf)
+    if host_check and reduce_buf[prep.SLOT_N_BAD].item() != 0:
+        raise ValueError(
+            f"fusedgrad.cross_entropy: `target` holds class indices outside "
+            f"[0, {plan.n_classes}) that are not ignore_index={plan.ignore_index}")
+    if plan.target_to_int64:
+        target = target.to(torch.int64)
+    loss_rows = _alloc.empty(plan.n_rows, dtype=acc, device=device)
+    if lse_out is None:
+        lse_rows = _lse_sink(device, acc, plan.n_rows)
+    else:  # the target-gradient path keeps the per-row lse
+        lse_rows = _alloc.empty(plan.n_rows, dtype=acc, device=device)
+        lse_out.append(lse_rows)
+    launches.run(input, grad if grad is not None else input, target,
+                 weight if weight is not None else reduce_buf, loss_rows, lse_rows, reduce_buf)
+    loss_dtype = loss_dtype or input.dtype  # float32 under autocast (_ce_target_grad)
+    if plan.finish is None:  # reduction="none"
+        return loss_rows.view(plan.loss_shape).to(loss_dtype)
+    out = _alloc.empty((), dtype=loss_dtype, device=device)
+    plan.finish(loss_rows, reduce_buf, out)
+    return out
+
+
 def _forward_into(input: Tensor, target: Tensor, weight: Tensor | None, grad: Tensor | None,
                   ignore_index: int, reduction: str, label_smoothing: float, z_loss: float,
                   softcap: float | None, divisor: Tensor | None = None,
                   divisor_value: float | None = None, *, plan: _Plan | None = None,
-                  rows_geometry_out: list | None = None,
                   lse_out: list | None = None, loss_dtype: torch.dtype | None = None) -> Tensor:
     """Run the prep, fused and finishing kernels; returns the reduced (or per-row) loss in
     input's dtype. Three launches (two with reduction="none"), no other device op in the
@@ -154,55 +264,10 @@ def _forward_into(input: Tensor, target: Tensor, weight: Tensor | None, grad: Te
     divided by it, read on the device (never on the host).
     """
     if plan is None:
-        plan = _plan_of(input, target, weight, reduction, label_smoothing,
-                        _divisor_kind(divisor, divisor_value))
-    acc = plan.acc
-    device = input.device
-    in_stride = input.stride()
-    logits_rows = input.as_strided(plan.rows_shape, plan.rows_stride)
-    target_rows = target.as_strided(plan.target_rows_shape, plan.target_rows_stride)
-    if weight is not None:
-        weight = weight.to(acc).contiguous()
-
-    # [scale, W, divisor, n_bad], all computed on the device. Where the host can read
-    # device memory for free (CPU tensors under the interpreter) it checks n_bad and
-    # raises; elsewhere the prep kernel's device assert fires.
-    host_check = host_reads_free(device) and not plan.prob_target
-    if host_check:
-        reduce_buf = torch.zeros(prep.REDUCE_SLOTS, dtype=acc, device=device)
-    else:
-        reduce_buf = _alloc.empty(prep.REDUCE_SLOTS, dtype=acc, device=device)
-    divisor_hi, divisor_lo = split_f64(divisor_value) if divisor_value is not None else (1.0, 0.0)
-    with _guard(input):
-        prep.launch_prep(
-            target_rows, weight, divisor, reduce_buf, n_rows=plan.n_rows, n_inner=plan.n_inner,
-            n_classes=plan.n_classes, target_strides=plan.target_rows_stride[:2],
-            ignore_index=ignore_index, divisor_hi=divisor_hi, divisor_lo=divisor_lo,
-            class_target=not plan.prob_target, weight_sum=plan.weight_sum,
-            divisor_mode=plan.divisor_mode)
-        if host_check and reduce_buf[prep.SLOT_N_BAD].item() != 0:
-            raise ValueError(
-                f"fusedgrad.cross_entropy: `target` holds class indices outside "
-                f"[0, {plan.n_classes}) that are not ignore_index={ignore_index}")
-        if plan.target_to_int64:
-            target_rows = target_rows.to(torch.int64)
-        loss_rows = _alloc.empty(plan.n_rows, dtype=acc, device=device)
-        lse_rows = _alloc.empty(plan.n_rows, dtype=acc, device=device)
-        grad_rows = _rows(grad, plan, in_stride) if grad is not None else None
-        if rows_geometry_out is not None and grad_rows is not None:
-            rows_geometry_out.append((grad_rows.shape, grad_rows.stride()))
-        launch.launch_fwd_bwd(
-            logits_rows, grad_rows, target_rows, weight, loss_rows, lse_rows, reduce_buf,
-            ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss,
-            softcap=softcap, prob_target=plan.prob_target, write_grad=grad is not None)
-        if lse_out is not None:  # the target-gradient path keeps the per-row lse
-            lse_out.append(lse_rows)
-        loss_dtype = loss_dtype or input.dtype  # float32 under autocast (_ce_target_grad)
-        if reduction == "none":
-            return loss_rows.view(plan.loss_shape).to(loss_dtype)
-        out = _alloc.empty((), dtype=loss_dtype, device=device)
-        prep.launch_finish(loss_rows, reduce_buf, out, plan.n_rows)
-    return out
+        plan = _plan_of(input, target, weight, reduction, ignore_index, label_smoothing,
+                        z_loss, softcap, _divisor_kind(divisor, divisor_value))
+    return _run_forward(plan, _launches_for(plan, grad), input, target, weight, grad, divisor,
+                        divisor_value, lse_out=lse_out, loss_dtype=loss_dtype)
 
 
 # ---------------------------------------------------------------- custom ops
@@ -334,15 +399,33 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None,
     if not compiling:  # symbolic)
         key = _call_key(input, target, weight, ignore_index, reduction, label_smoothing,
                         z_loss, softcap, inplace_backward, divisor)
-        checked = _CHECKED.get(key) if key is not None else None
+        try:
+            checked = _CHECKED.get(key)
+        except TypeError:  # an unhashable argument: validate says what is wrong
+            key = None
     if checked is None:
         validate(input, target, weight, ignore_index, reduction, label_smoothing, z_loss,
                  softcap, inplace_backward)
-        checked = _checked_call(input, target, weight, reduction, label_smoothing, divisor)
+        checked = _checked_call(input, target, weight, ignore_index, reduction,
+                                label_smoothing, z_loss, softcap, divisor)
         if not compiling and key is not None:
             if len(_CHECKED) >= _CHECKED_MAX:
                 _CHECKED.clear()
             _CHECKED[key] = checked
+    plan = checked.plan
+    if (plan is not None and process_group is None and divisor is None
+            and not inplace_backward and not target.requires_grad
+            and (weight is None or not weight.requires_grad)
+            and not torch._C._len_torch_dispatch_stack()
+            and not torch._C._functorch.is_functorch_wrapped_tensor(input)
+            and not (plan.half and torch.is_autocast_enabled(input.device.type))):
+        # The common call, planned before: plain eager tensors, no dispatch mode or
+        # functorch transform active (the custom op's dispatch buys nothing then: it exists
+        # for torch.compile, fake tensors and other modes), nothing the general path below
+        # treats specially. Same kernels, same results.
+        if torch.is_grad_enabled() and input.requires_grad:
+            return _apply_cross_entropy(input, target, weight, None, None, plan)
+        return _run_forward(plan, plan.fwd_nograd, input, target, weight, None)
     mergeable = checked.mergeable
     divisor, divisor_value = split_divisor(divisor, reduction, input.device)
     softcap = float(softcap) if softcap is not None else None
@@ -392,28 +475,26 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None,
                                           divisor_value)
     if (not compiling and checked.plain and not torch._C._len_torch_dispatch_stack()
             and not torch._C._functorch.is_functorch_wrapped_tensor(input)):
-        # Plain eager tensors, no dispatch mode or functorch transform active: the custom
-        # op's dispatch buys nothing here (it exists for torch.compile, fake tensors and
-        # other dispatch modes), so skip it.
-        plan = checked.plan or _plan_of(input, target, weight, reduction, label_smoothing,
-                                        _divisor_kind(divisor, divisor_value))
+        # Plain eager tensors (with a divisor, copied spatial dims, ...): as above.
+        plan = plan or _plan_of(input, target, weight, reduction, ignore_index,
+                                label_smoothing, z_loss, softcap,
+                                _divisor_kind(divisor, divisor_value))
         if needs_grad:
-            return _apply_cross_entropy(input, target, weight, ignore_index, reduction,
-                                        label_smoothing, z_loss, softcap, divisor,
-                                        divisor_value, plan)
-        return _forward_into(input, target, weight, None, ignore_index, reduction,
-                             label_smoothing, z_loss, softcap, divisor, divisor_value,
-                             plan=plan)
+            return _apply_cross_entropy(input, target, weight, divisor, divisor_value, plan)
+        return _run_forward(plan, plan.fwd_nograd, input, target, weight, None, divisor,
+                            divisor_value)
     loss, _ = torch.ops.fusedgrad.cross_entropy_fwd(
         input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
         needs_grad, divisor, divisor_value)
     return loss
 
 
-# Argument checks that passed, keyed by everything they read: the tensors' metadata and
-# the scalar arguments with their types (True == 1 but only one is a valid ignore_index).
+# Argument checks that passed, and the plan, keyed by everything they read: the tensors'
+# metadata and the scalar arguments with their types (True == 1 but only one is a valid
+# ignore_index). Cleared with the plans when a launcher tunable is set.
 _CHECKED: dict = {}
 _CHECKED_MAX = 1024
+register_cache(_CHECKED.clear)
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
@@ -426,15 +507,16 @@ class _Checked:
     plan: _Plan | None            # the per-shape plan, when no copy changes the shapes
 
 
-def _checked_call(input, target, weight, reduction, label_smoothing, divisor) -> _Checked:
+def _checked_call(input, target, weight, ignore_index, reduction, label_smoothing, z_loss,
+                  softcap, divisor) -> _Checked:
     mergeable = (launch.spatial_dims_mergeable(input, True),
                  launch.spatial_dims_mergeable(target, target.is_floating_point()))
     plain = (type(input) in _PLAIN and type(target) in _PLAIN
              and (weight is None or type(weight) in _PLAIN))
     plan = None
     if plain and all(mergeable) and not torch.compiler.is_compiling():
-        plan = _plan_of(input, target, weight, reduction, label_smoothing,
-                        _divisor_arg_kind(divisor))
+        plan = _plan_of(input, target, weight, reduction, ignore_index, label_smoothing,
+                        z_loss, softcap, _divisor_arg_kind(divisor))
     return _Checked(mergeable, plain, plan)
 
 
@@ -447,20 +529,19 @@ def _divisor_arg_kind(divisor) -> str | None:
 
 def _call_key(input, target, weight, ignore_index, reduction, label_smoothing, z_loss,
               softcap, inplace_backward, divisor):
-    """Hashable metadata of a call, or None (e.g. a non-tensor argument: validate says why)."""
+    """The call's metadata (may be unhashable), or None (e.g. a non-tensor argument:
+    validate says why)."""
     try:
         w = None if weight is None else (weight.shape, weight.stride(), weight.dtype,
                                           weight.device, type(weight))
-        key = (input.shape, input.stride(), input.dtype, input.device, type(input),
-               target.shape, target.stride(), target.dtype, target.device, type(target), w,
-               ignore_index, type(ignore_index), reduction, type(reduction),
-               label_smoothing, type(label_smoothing), z_loss, type(z_loss),
-               softcap, type(softcap), inplace_backward, type(inplace_backward),
-               _divisor_arg_kind(divisor))
-        hash(key)
-    except (AttributeError, TypeError):
+        return (input.shape, input.stride(), input.dtype, input.device, type(input),
+                target.shape, target.stride(), target.dtype, target.device, type(target), w,
+                ignore_index, type(ignore_index), reduction, type(reduction),
+                label_smoothing, type(label_smoothing), z_loss, type(z_loss),
+                softcap, type(softcap), inplace_backward, type(inplace_backward),
+                None if divisor is None else _divisor_arg_kind(divisor))
+    except AttributeError:
         return None
-    return key
 
 
 class _CrossEntropyFunction(SavedGradFunction):
@@ -468,15 +549,11 @@ class _CrossEntropyFunction(SavedGradFunction):
     forward, same backward as ``cross_entropy_fwd`` + ``register_autograd``)."""
 
     @staticmethod
-    def forward(ctx, input, target, weight, ignore_index, reduction, label_smoothing, z_loss,
-                softcap, divisor, divisor_value, plan):
-        grad = _alloc.empty_like(input)
-        geometry = []
-        loss = _forward_into(input, target, weight, grad, ignore_index, reduction,
-                             label_smoothing, z_loss, softcap, divisor, divisor_value,
-                             plan=plan, rows_geometry_out=geometry)
-        ctx.grad_rows_geometry = geometry[0] if geometry else None
-        save_grad(ctx, grad)
+    def forward(ctx, input, target, weight, divisor, divisor_value, plan):
+        grad = _alloc.empty_like(input)  # strides plan.grad_stride: planned the same way
+        loss = _run_forward(plan, plan.fwd_grad, input, target, weight, grad, divisor,
+                            divisor_value)
+        save_grad(ctx, grad, plan.fwd_grad)  # the backward's launch is planned too
         return loss
 
 

@@ -10,7 +10,10 @@ import pytest
 import torch
 
 import fusedgrad as fg
+from fusedgrad import _alloc
+from fusedgrad import _ce_launch as launch
 
+from ce_reference import reference_with_grad
 from helpers import DEVICE, assert_close
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -88,3 +91,84 @@ def test_plan_is_reused_and_loss_is_right_after_reuse():
     ref = torch.nn.functional.cross_entropy((x * 2).double(), t)
     assert_close(second, ref, torch.float32, "loss")
     assert not torch.equal(first, second)
+
+
+def _fused_kernel_options(fn):
+    """Constexprs and options of the fused forward kernel launched by fn()."""
+    with host.stubbed_launches(record=True) as counter:
+        fn()
+    return [kw for kernel, _grid, _args, kw in counter.calls
+            if kernel.__name__ == "cross_entropy_fwd_bwd_kernel"]
+
+
+def test_setting_a_launcher_tunable_drops_the_cached_plans(monkeypatch):
+    # Plans are cached per call signature; tests and benchmarks route calls by setting
+    # ops/_ce_launch.py's globals. A setattr after a cached call must take effect.
+    x = torch.randn(3, 200, device=DEVICE, requires_grad=True)
+    t = torch.randint(0, 200, (3,), device=DEVICE)
+    first = _fused_kernel_options(lambda: fg.cross_entropy(x, t).backward())
+    assert [kw["SINGLE_BLOCK"] for kw in first] == [True]
+    monkeypatch.setattr(launch, "FORCE_PATH", "two_pass")
+    monkeypatch.setattr(launch, "LOOP_BLOCK_V", {k: 64 for k in launch.LOOP_BLOCK_V})
+    forced = _fused_kernel_options(lambda: fg.cross_entropy(x, t).backward())
+    assert [(kw["SINGLE_BLOCK"], kw["BLOCK_V"]) for kw in forced] == [(False, 64)]
+    # ... and really runs that way (two_pass path through the interpreter).
+    x.grad = None
+    loss = fg.cross_entropy(x, t)
+    loss.backward()
+    ref_loss, ref_grad = reference_with_grad(x.detach(), t)
+    assert_close(loss, ref_loss, torch.float32, "loss")
+    assert_close(x.grad, ref_grad, torch.float32, "grad")
+    monkeypatch.undo()
+    again = _fused_kernel_options(lambda: fg.cross_entropy(x, t).backward())
+    assert [kw["SINGLE_BLOCK"] for kw in again] == [True]
+
+
+def test_poisoned_outputs_apply_to_planned_calls():
+    # The plan is cached; the buffers are not: poisoning (tests' unwritten-element check)
+    # still reaches every allocation of a planned call.
+    x = torch.randn(4, 50, device=DEVICE, requires_grad=True)
+    t = torch.randint(0, 50, (4,), device=DEVICE)
+    fg.cross_entropy(x, t).backward()  # planned
+    x.grad = None
+    with _alloc.poisoned_outputs(), host.stubbed_launches():  # no kernel writes anything
+        loss = fg.cross_entropy(x, t)
+        loss.backward()
+    assert torch.isnan(loss) and torch.isnan(x.grad).all()
+
+
+# Layouts users pass (why each): contiguous; a slice of a wider buffer (not dense: the
+# gradient is allocated contiguous); batch and class axes swapped (dense, permuted);
+# channels-last 4-D logits; int32 targets (converted to int64 per call); a strided weight.
+@pytest.mark.parametrize("layout", ["contiguous", "sliced", "permuted", "channels_last",
+                                    "int32_target", "strided_weight"])
+def test_planned_strides_are_those_of_the_real_buffers(layout):
+    # The plan predicts, on meta tensors, the strides of what each call allocates or
+    # converts (gradient, int64 targets, float weights); the launches bake them in.
+    x = torch.randn(2, 7, 3, 5, device=DEVICE)
+    t = torch.randint(0, 7, (2, 3, 5), device=DEVICE)
+    w = None
+    if layout == "sliced":
+        x = torch.randn(2, 9, 3, 5, device=DEVICE)[:, 1:8]
+    elif layout == "permuted":
+        x = torch.randn(7, 2, 3, 5, device=DEVICE).transpose(0, 1)
+    elif layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "int32_target":
+        t = t.to(torch.int32)
+    elif layout == "strided_weight":
+        w = torch.rand(14, device=DEVICE)[::2]
+    plan = ce_module._plan_of(x, t, w, "mean", -100, 0.0, 0.0, None)
+    assert torch.empty_like(x).stride() == plan.grad_stride
+    kernel_target = t.to(torch.int64) if plan.target_to_int64 else t
+    rows = launch.rows_view(kernel_target, class_dim=False)
+    assert rows.stride() == plan.fwd_args["target_strides"]
+    if w is not None:
+        assert w.to(torch.float32).contiguous().stride(0) == plan.prep_args["weight_stride"]
+    # ... and the op agrees with the reference on that layout (strides kept: detach).
+    xg = x.detach().requires_grad_(True)
+    loss = fg.cross_entropy(xg, t, weight=w)
+    loss.backward()
+    ref_loss, ref_grad = reference_with_grad(x, t.long(), weight=w)
+    assert_close(loss, ref_loss, torch.float32, "loss")
+    assert_close(xg.grad, ref_grad, torch.float32, "grad")
