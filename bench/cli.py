@@ -78,7 +78,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     cpu.add_argument("--no-static", action="store_true", help="skip the static report")
     cpu.add_argument("--no-smoke", action="store_true", help="skip the interpreter smoke")
     ho = p.add_argument_group("host")
-    ho.add_argument("--reps", type=int, default=50, help="timed calls per case (default 50)")
+    ho.add_argument("--reps", type=int, default=200,
+                    help="timed calls per case and implementation (default 200)")
     ho.add_argument("--verbose", action="store_true", help="list the other device ops")
     st = p.add_argument_group("static")
     st.add_argument("--arch", nargs="+", type=int, default=None, help="sm targets (default 90 80)")

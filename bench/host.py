@@ -10,7 +10,8 @@ For each case it reports, per call of the op (forward, or forward + backward):
   i.e. what a CUDA build would launch besides fusedgrad's own kernels;
 - ``host us``: median wall time of one call with launches stubbed, and torch's own op
   on the same tiny CPU input (its kernels run, but on inputs this small they cost
-  next to nothing), and the ratio.
+  next to nothing), and the ratio. The two are timed in alternating order, call by
+  call, so that load from other processes on the machine hits both alike.
 
 fusedgrad's ops take the branches a CUDA run takes (``device_branches``: e.g. no
 CPU-only eager check of the targets), so the counts and times are those of the CUDA
@@ -55,12 +56,21 @@ class HostCase:
 
 class _LaunchCounter:
     def __init__(self):
-        self.count = 0
-        self.names: list[str] = []
+        # Every launched kernel, in order: the stub only appends (its own cost is timed
+        # with the op's, so it does as little as it can); names are read afterwards.
+        self.kernels: list = []
         # With record=True: (kernel, grid, args, keyword args) of every launch, in order,
         # tensors replaced by ArgTensor (no reference kept: a kept gradient buffer would
         # change what autograd does, e.g. copy instead of steal a leaf's gradient).
         self.calls: list[tuple] = []
+
+    @property
+    def count(self) -> int:
+        return len(self.kernels)
+
+    @property
+    def names(self) -> list[str]:
+        return [getattr(k, "__name__", "?") for k in self.kernels]
 
 
 @dataclass(frozen=True)
@@ -89,8 +99,7 @@ def stubbed_launches(record: bool = False):
     patched = []
 
     def stub(self, *args, grid=None, warmup=False, **kwargs):
-        counter.count += 1
-        counter.names.append(getattr(self, "__name__", "?"))
+        counter.kernels.append(self)
         if record:
             counter.calls.append((self, grid, tuple(_arg_summary(a) for a in args),
                                   {k: _arg_summary(v) for k, v in kwargs.items()}))
@@ -136,10 +145,13 @@ def count_device_ops(fn) -> list[str]:
 
 def _median_us(fns, inputs_fn, reps: int) -> list[float]:
     """Median wall time of one call of each of ``fns``, their reps interleaved so that a
-    drift of the machine's speed (other processes, clock changes) reaches each alike."""
+    drift of the machine's speed (other processes, clock changes) reaches each alike, in
+    alternating order (each follows the other as often: neither always runs on caches
+    the other left)."""
     times = [[] for _ in fns]
-    for _ in range(reps):
-        for fn, out in zip(fns, times, strict=True):
+    pairs = list(zip(fns, times, strict=True))
+    for rep in range(reps):
+        for fn, out in pairs if rep % 2 == 0 else pairs[::-1]:
             inputs = inputs_fn()
             t0 = time.perf_counter()
             fn(inputs)
@@ -160,7 +172,7 @@ def device_branches():
         _runtime._CPU_AS_DEVICE = old
 
 
-def measure(case: HostCase, reps: int = 50) -> dict:
+def measure(case: HostCase, reps: int = 200) -> dict:
     """Launches, other device ops and host microseconds of one call, vs torch."""
     with stubbed_launches() as launches, device_branches():
         case.fused(case.make())  # warm: caches, first-call imports
