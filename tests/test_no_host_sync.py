@@ -145,9 +145,9 @@ _HOST_READS = ("tolist", "numpy", "cpu", "__array__")
 
 
 @contextlib.contextmanager
-def watching():
+def watching(cuda_branches: bool = True):
     """A HostSyncWatcher with Triton launches suspended and host reads wrapped; ops take
-    the branches a CUDA run takes."""
+    the branches a CUDA run takes (cuda_branches=False: the CPU ones)."""
     from triton.runtime import interpreter, jit
 
     watcher = HostSyncWatcher()
@@ -173,7 +173,7 @@ def watching():
         fn = getattr(torch.Tensor, name)
         patched.append((torch.Tensor, name, fn))
         setattr(torch.Tensor, name, wrap_read(name, fn))
-    old_flag, _runtime._CPU_AS_DEVICE = _runtime._CPU_AS_DEVICE, True
+    old_flag, _runtime._CPU_AS_DEVICE = _runtime._CPU_AS_DEVICE, cuda_branches
     try:
         with watcher:
             yield watcher
@@ -304,9 +304,8 @@ def test_cpu_target_check_is_a_host_read():
     # the host (free there, and it raises a clear ValueError); that branch is a host read,
     # which the watcher sees. CUDA runs the device-side assert instead.
     x, t = _ce_inputs("index")
-    watcher = HostSyncWatcher()
-    watcher.mark_device(x, t)
-    with watcher:
+    with watching(cuda_branches=False) as watcher:
+        watcher.mark_device(x, t)
         fg.cross_entropy(x.detach(), t)
     assert watcher.problems and all("is_nonzero" in p or "_local_scalar_dense" in p
                                     or "aten.item" in p
