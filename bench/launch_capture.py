@@ -31,8 +31,9 @@ from collections.abc import Callable, Iterator
 CE_VOCABS = (1, 128, 129, 1024, 1025, 2048, 2049, 4096, 4097, 8192, 8193, 16384, 16385,
              32000, 65537, 128256, 262144, 262145)
 # BatchNorm inner extents (spatial size, or channels for channels_last) across its tiles;
-# each tile also gets a multiple of 16 (the aligned variant real shapes hit).
-BN_EXTENTS = (1, 3, 16, 17, 32, 33, 64, 65, 128, 129, 256, 257, 512, 513, 1024, 1025, 2048,
+# each tile also gets a multiple of 16 (the aligned variant real shapes hit). Channels_last
+# C = 1, 3, 8: flat tiles (one row; padded rows; the widest power of two).
+BN_EXTENTS = (1, 3, 8, 16, 17, 32, 33, 64, 65, 128, 129, 256, 257, 512, 513, 1024, 1025, 2048,
               2049, 4096, 4097)
 
 
@@ -140,6 +141,14 @@ def _bn_calls(torch, fg) -> Iterator[tuple[str, Callable]]:
             yield (f"bn {dtype} act={act}",
                    lambda d=dtype, a=act: (call(d, (2, 16, 4096, 1), False, a),
                                            call(d, (2, 128, 4, 4), True, a)))
+            if dtype in (torch.float32, torch.bfloat16):
+                # flat tiles (channels_last, C <= 8) with each activation at the most
+                # registers: C = 7 (per-lane parameters vary along both tile axes, the
+                # longest select) and C = 8 (the widest power-of-two tile). fp16 compiles
+                # like bf16.
+                yield (f"bn {dtype} flat act={act}",
+                       lambda d=dtype, a=act: (call(d, (2, 7, 4, 4), True, a),
+                                               call(d, (2, 8, 4, 4), True, a)))
 
     def sync_call(dtype):
         import torch.distributed as dist

@@ -106,6 +106,42 @@ def _tile(t, tiles_per_n, S, c_off, c_mask, stride_n, stride_s, BLOCK_S: tl.cons
 
 
 @triton.jit
+def _flat_lanes(FLAT_C: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    """(f, ch) of a flat tile: lane (j, i) of [BLOCK_C, BLOCK_S] holds the tile's flat element
+    f = j * BLOCK_S + i (int32), of channel ch = f % FLAT_C. A tile starts at a multiple of
+    FLAT_C elements, so a lane's channel is the same in every tile. When FLAT_C divides
+    BLOCK_S (C = 1, 2, 4, 8) the channel depends on i alone and ch is one row [1, BLOCK_S]
+    (per-lane parameters are then computed once per row, not per element)."""
+    i = tl.arange(0, BLOCK_S)[None, :]
+    f = tl.arange(0, BLOCK_C)[:, None] * BLOCK_S + i
+    if BLOCK_S % FLAT_C == 0:
+        ch = i % FLAT_C
+    else:
+        ch = f % FLAT_C
+    return f, ch
+
+
+@triton.jit
+def _flat_tile(t, tiles_per_n, S, f, stride_n, FLAT_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Offsets (int64) and mask of flat tile ``t``: positions [s0, s0 + BLOCK_S) of sample n,
+    i.e. the FLAT_C * BLOCK_S contiguous elements from n * stride_n + s0 * FLAT_C (channels
+    innermost, stride_c = 1, stride_s = FLAT_C). Lanes with f >= FLAT_C * n_valid (the rows
+    j >= FLAT_C of a padded tile, and the end of a sample) are masked. The mask compares in
+    int32 against a multiple of 16 when S is one, so 16-byte vectors stay whole."""
+    n = t // tiles_per_n
+    s0 = (t - n * tiles_per_n).to(tl.int64) * BLOCK_S
+    n_valid = tl.minimum(S - s0, BLOCK_S).to(tl.int32)
+    offs = n.to(tl.int64) * stride_n + s0 * FLAT_C + f
+    return offs, f < n_valid * FLAT_C
+
+
+@triton.jit
+def _lanes_sum(v, ch, k: tl.constexpr):
+    """Sum of v [BLOCK_C, BLOCK_S] over the lanes of channel k (ch == k) of a flat tile."""
+    return tl.sum(tl.sum(tl.where(ch == k, v, 0.0), axis=1), axis=0)
+
+
+@triton.jit
 def _tanh(u):
     # tanh from one exp, odd-symmetric: no overflow for large |u|.
     e = tl.exp(-2.0 * tl.abs(u))
@@ -257,6 +293,41 @@ def _finish_stats(count, mean, m2, c, c_mask, out_ptr, out_stride, running_mean_
 # ----------------------------------------------------------------------------- forward
 
 
+@triton.jit
+def _flat_welford(x_ptr, t_begin, t_end, tiles_per_n, S, stride_n, c, acc_ty: tl.constexpr,
+                  FLAT_C: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    """(count, mean - shift, M2) [BLOCK_C] per channel c of flat tiles t_begin..t_end-1 (see
+    _flat_tile): each lane keeps its own Welford state (its channel never changes), shifted
+    by its channel's first element; lanes merge per channel once at the end (exact
+    multi-way formula, a static loop over the FLAT_C channels)."""
+    f, ch = _flat_lanes(FLAT_C, BLOCK_C, BLOCK_S)
+    lane_shift = tl.load(x_ptr + ch).to(acc_ty)
+    lane_count = tl.zeros([BLOCK_C, BLOCK_S], dtype=acc_ty)
+    lane_mean = tl.zeros([BLOCK_C, BLOCK_S], dtype=acc_ty)
+    lane_m2 = tl.zeros([BLOCK_C, BLOCK_S], dtype=acc_ty)
+    for t in range(t_begin, t_end):
+        offs, mask = _flat_tile(t, tiles_per_n, S, f, stride_n, FLAT_C, BLOCK_S)
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(acc_ty) - lane_shift
+        lane_count += tl.where(mask, 1.0, 0.0)
+        delta = x - lane_mean
+        lane_mean += tl.where(mask, delta / tl.maximum(lane_count, 1.0), 0.0)
+        lane_m2 += tl.where(mask, delta * (x - lane_mean), 0.0)
+    count = tl.zeros([BLOCK_C], dtype=acc_ty)
+    mean = tl.zeros([BLOCK_C], dtype=acc_ty)
+    m2 = tl.zeros([BLOCK_C], dtype=acc_ty)
+    for k in tl.static_range(FLAT_C):
+        count_k = _lanes_sum(lane_count, ch, k)
+        mean_k = _lanes_sum(lane_count * lane_mean, ch, k) / tl.maximum(count_k, 1.0)
+        dev = lane_mean - mean_k
+        m2_k = _lanes_sum(lane_m2 + lane_count * dev * dev, ch, k)
+        count = tl.where(c == k, count_k, count)
+        mean = tl.where(c == k, mean_k, mean)
+        m2 = tl.where(c == k, m2_k, m2)
+    return count, mean, m2
+
+
+
+
 @triton.jit(do_not_specialize=_RUNTIME_INTS + ["final", "update_running", "cumulative"])
 def bn_stats_kernel(
     x_ptr, part_ptr, ticket_ptr, out_ptr, running_mean_ptr, running_var_ptr, nbt_ptr,
@@ -264,6 +335,7 @@ def bn_stats_kernel(
     tiles_per_n, tiles_per_split, n_tiles, n_splits, part_field_stride,
     momentum_hi, momentum_lo, eps_hi, eps_lo, final, update_running, cumulative,
     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_P: tl.constexpr,
+    FLAT_C: tl.constexpr = 0,
 ):
     """Batch statistics of x per channel in one launch: split partials, merged by the last
     program of each channel block.
@@ -295,24 +367,29 @@ def bn_stats_kernel(
     c_mask = c < C
     c_off = c.to(tl.int64) * stride_c
     shift = tl.load(x_ptr + c_off, mask=c_mask, other=0.0).to(acc_ty)
-    lane_count = tl.zeros([BLOCK_C, BLOCK_S], dtype=acc_ty)
-    lane_mean = tl.zeros([BLOCK_C, BLOCK_S], dtype=acc_ty)
-    lane_m2 = tl.zeros([BLOCK_C, BLOCK_S], dtype=acc_ty)
     t_begin = pid_p * tiles_per_split
     t_end = tl.minimum(t_begin + tiles_per_split, n_tiles)
-    for t in range(t_begin, t_end):
-        offs, mask, n_valid = _tile(t, tiles_per_n, S, c_off, c_mask, stride_n, stride_s,
-                                    BLOCK_S)
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(acc_ty) - shift[:, None]
-        lane_count += tl.where(mask, 1.0, 0.0)
-        delta = x - lane_mean
-        lane_mean += tl.where(mask, delta / tl.maximum(lane_count, 1.0), 0.0)
-        lane_m2 += tl.where(mask, delta * (x - lane_mean), 0.0)
-    # Lanes merge exactly (multi-way formula); empty lanes have count 0 and contribute nothing.
-    count = tl.sum(lane_count, axis=1)
-    mean = tl.sum(lane_count * lane_mean, axis=1) / tl.maximum(count, 1.0)
-    dev = lane_mean - mean[:, None]
-    m2 = tl.sum(lane_m2 + lane_count * dev * dev, axis=1)
+    if FLAT_C > 0:
+        count, mean, m2 = _flat_welford(x_ptr, t_begin, t_end, tiles_per_n, S, stride_n, c,
+                                        acc_ty, FLAT_C, BLOCK_C, BLOCK_S)
+    else:
+        lane_count = tl.zeros([BLOCK_C, BLOCK_S], dtype=acc_ty)
+        lane_mean = tl.zeros([BLOCK_C, BLOCK_S], dtype=acc_ty)
+        lane_m2 = tl.zeros([BLOCK_C, BLOCK_S], dtype=acc_ty)
+        for t in range(t_begin, t_end):
+            offs, mask, n_valid = _tile(t, tiles_per_n, S, c_off, c_mask, stride_n, stride_s,
+                                        BLOCK_S)
+            x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(acc_ty) - shift[:, None]
+            lane_count += tl.where(mask, 1.0, 0.0)
+            delta = x - lane_mean
+            lane_mean += tl.where(mask, delta / tl.maximum(lane_count, 1.0), 0.0)
+            lane_m2 += tl.where(mask, delta * (x - lane_mean), 0.0)
+        # Lanes merge exactly (multi-way formula); empty lanes have count 0 and contribute
+        # nothing.
+        count = tl.sum(lane_count, axis=1)
+        mean = tl.sum(lane_count * lane_mean, axis=1) / tl.maximum(count, 1.0)
+        dev = lane_mean - mean[:, None]
+        m2 = tl.sum(lane_m2 + lane_count * dev * dev, axis=1)
     out = part_ptr + pid_p * C + c
     tl.store(out, count, mask=c_mask)
     tl.store(out + part_field_stride, mean, mask=c_mask)
@@ -365,6 +442,7 @@ def bn_apply_kernel(
     C, S, stride_n, stride_c, stride_s, tiles_per_n, n_tiles, eps_hi, eps_lo, slope_hi,
     slope_lo, scale_is_var, has_weight, has_bias, has_residual, reverse,
     ACTIVATION: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+    FLAT_C: tl.constexpr = 0,
 ):
     """y = act((x - mean) * invstd * weight + bias + residual), one tile per program.
 
@@ -381,14 +459,30 @@ def bn_apply_kernel(
     c, t = _elementwise_tile(n_tiles, reverse, BLOCK_C)
     c_mask = c < C
     acc_ty = mean_ptr.dtype.element_ty
-    mean, invstd, a, bias = _channel_affine(
-        mean_ptr, scale_ptr, weight_ptr, bias_ptr, c, c_mask, _host_float(eps_hi, eps_lo, acc_ty),
-        scale_is_var, has_weight, has_bias)
-    b = bias - mean * a
-    offs, mask, n_valid = _tile(t, tiles_per_n, S, c.to(tl.int64) * stride_c, c_mask, stride_n,
-                                stride_s, BLOCK_S)
+    eps = _host_float(eps_hi, eps_lo, acc_ty)
+    if FLAT_C > 0:
+        # Per-lane a and b: each channel's pair computed once, selected by the lane's channel.
+        f, ch = _flat_lanes(FLAT_C, BLOCK_C, BLOCK_S)
+        a = tl.zeros(ch.shape, dtype=acc_ty)
+        b = tl.zeros(ch.shape, dtype=acc_ty)
+        for k in tl.static_range(FLAT_C):
+            ck = tl.arange(0, 1) + k
+            mean_k, invstd_k, a_k, bias_k = _channel_affine(
+                mean_ptr, scale_ptr, weight_ptr, bias_ptr, ck, ck < C, eps, scale_is_var,
+                has_weight, has_bias)
+            a = tl.where(ch == k, a_k[:, None], a)
+            b = tl.where(ch == k, (bias_k - mean_k * a_k)[:, None], b)
+        offs, mask = _flat_tile(t, tiles_per_n, S, f, stride_n, FLAT_C, BLOCK_S)
+    else:
+        mean, invstd, a, bias = _channel_affine(
+            mean_ptr, scale_ptr, weight_ptr, bias_ptr, c, c_mask, eps, scale_is_var, has_weight,
+            has_bias)
+        b = (bias - mean * a)[:, None]
+        a = a[:, None]
+        offs, mask, n_valid = _tile(t, tiles_per_n, S, c.to(tl.int64) * stride_c, c_mask,
+                                    stride_n, stride_s, BLOCK_S)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(acc_ty)
-    z = x * a[:, None] + b[:, None]
+    z = x * a + b
     z += tl.load(res_ptr + offs, mask=mask_if(mask, has_residual), other=0.0).to(acc_ty)
     y = _act(z, _host_float(slope_hi, slope_lo, acc_ty), ACTIVATION)
     tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
@@ -401,11 +495,12 @@ def bn_apply_kernel(
 def _grad_z(x, dy, res_ptr, offs, mask, mean, a, bias, slope, has_residual,
             ACTIVATION: tl.constexpr):
     """dL/dz = dy * act'(z), z recomputed as a * (x - mean) + bias [+ residual] (centred
-    first: no cancellation for a large mean). Identity: dy itself, nothing recomputed."""
+    first: no cancellation for a large mean). Identity: dy itself, nothing recomputed.
+    mean, a, bias: per channel [BLOCK_C, 1], or per lane (flat tiles)."""
     if ACTIVATION == ACT_IDENTITY:
         g = dy
     else:
-        z = a[:, None] * (x - mean[:, None]) + bias[:, None]
+        z = a * (x - mean) + bias
         z += tl.load(res_ptr + offs, mask=mask_if(mask, has_residual), other=0.0).to(x.dtype)
         g = _act_grad(z, dy, slope, ACTIVATION)
     return g
@@ -420,7 +515,7 @@ def bn_bwd_reduce_kernel(
     eps_hi, eps_lo, slope_hi, slope_lo,
     scale_is_var, has_weight, has_bias, has_residual, reverse, write_grads,
     ACTIVATION: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
-    BLOCK_P: tl.constexpr,
+    BLOCK_P: tl.constexpr, FLAT_C: tl.constexpr = 0,
 ):
     """Per channel: sum g and sum g * x_hat (g = dy * act'(z)) in one launch: split partials
     merged in split order by the last program of each channel block.
@@ -444,26 +539,50 @@ def bn_bwd_reduce_kernel(
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
     c_off = c.to(tl.int64) * stride_c
+    eps = _host_float(eps_hi, eps_lo, acc_ty)
     mean, invstd, a, bias = _channel_affine(
-        mean_ptr, scale_ptr, weight_ptr, bias_ptr, c, c_mask, _host_float(eps_hi, eps_lo, acc_ty),
-        scale_is_var, has_weight, has_bias)
+        mean_ptr, scale_ptr, weight_ptr, bias_ptr, c, c_mask, eps, scale_is_var, has_weight,
+        has_bias)
     slope = _host_float(slope_hi, slope_lo, acc_ty)
     sum_g = tl.zeros([BLOCK_C, BLOCK_S], dtype=acc_ty)
     sum_g_xmu = tl.zeros([BLOCK_C, BLOCK_S], dtype=acc_ty)
     t_begin = pid_p * tiles_per_split
     t_end = tl.minimum(t_begin + tiles_per_split, n_tiles)
-    for t in range(t_begin, t_end):
-        offs, mask, n_valid = _tile(t, tiles_per_n, S, c_off, c_mask, stride_n, stride_s,
-                                    BLOCK_S)
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(acc_ty)
-        dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(acc_ty)
-        g = _grad_z(x, dy, res_ptr, offs, mask, mean, a, bias, slope, has_residual, ACTIVATION)
-        # Masked lanes: dy = 0 gives g = 0 for every activation's derivative.
-        sum_g += g
-        sum_g_xmu += g * (x - mean[:, None])
+    if FLAT_C > 0:
+        # Flat tiles: per-lane parameters (a lane's channel never changes), loaded once.
+        f, ch = _flat_lanes(FLAT_C, BLOCK_C, BLOCK_S)
+        lane_mean, lane_invstd, lane_a, lane_bias = _channel_affine(
+            mean_ptr, scale_ptr, weight_ptr, bias_ptr, ch, ch < C, eps, scale_is_var,
+            has_weight, has_bias)
+        for t in range(t_begin, t_end):
+            offs, mask = _flat_tile(t, tiles_per_n, S, f, stride_n, FLAT_C, BLOCK_S)
+            x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(acc_ty)
+            dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(acc_ty)
+            g = _grad_z(x, dy, res_ptr, offs, mask, lane_mean, lane_a, lane_bias, slope,
+                        has_residual, ACTIVATION)
+            sum_g += g
+            sum_g_xmu += g * (x - lane_mean)
+        part_g = tl.zeros([BLOCK_C], dtype=acc_ty)
+        part_g_xmu = tl.zeros([BLOCK_C], dtype=acc_ty)
+        for k in tl.static_range(FLAT_C):
+            part_g = tl.where(c == k, _lanes_sum(sum_g, ch, k), part_g)
+            part_g_xmu = tl.where(c == k, _lanes_sum(sum_g_xmu, ch, k), part_g_xmu)
+    else:
+        for t in range(t_begin, t_end):
+            offs, mask, n_valid = _tile(t, tiles_per_n, S, c_off, c_mask, stride_n, stride_s,
+                                        BLOCK_S)
+            x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(acc_ty)
+            dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(acc_ty)
+            g = _grad_z(x, dy, res_ptr, offs, mask, mean[:, None], a[:, None], bias[:, None],
+                        slope, has_residual, ACTIVATION)
+            # Masked lanes: dy = 0 gives g = 0 for every activation's derivative.
+            sum_g += g
+            sum_g_xmu += g * (x - mean[:, None])
+        part_g = tl.sum(sum_g, axis=1)
+        part_g_xmu = tl.sum(sum_g_xmu, axis=1)
     out = part_ptr + pid_p * C + c
-    tl.store(out, tl.sum(sum_g, axis=1), mask=c_mask)
-    tl.store(out + part_field_stride, tl.sum(sum_g_xmu, axis=1) * invstd, mask=c_mask)
+    tl.store(out, part_g, mask=c_mask)
+    tl.store(out + part_field_stride, part_g_xmu * invstd, mask=c_mask)
     if _last_ticket(ticket_ptr, pid_c, n_splits):
         total_g = tl.zeros([BLOCK_C], dtype=acc_ty)
         total_g_xhat = tl.zeros([BLOCK_C], dtype=acc_ty)
@@ -482,6 +601,26 @@ def bn_bwd_reduce_kernel(
         tl.store(ticket_ptr + pid_c, 0)
 
 
+@triton.jit
+def _dx_constants(mean_ptr, scale_ptr, weight_ptr, bias_ptr, sums_ptr, count_ptr, count, c,
+                  c_mask, C, eps, scale_is_var, has_weight, has_bias, training,
+                  count_from_ptr):
+    """(mean, a, bias, q, r) of channels c for bn_bwd_dx_kernel (see there)."""
+    acc_ty = mean_ptr.dtype.element_ty
+    mean, invstd, a, bias = _channel_affine(
+        mean_ptr, scale_ptr, weight_ptr, bias_ptr, c, c_mask, eps, scale_is_var, has_weight,
+        has_bias)
+    stat_mask = mask_if(c_mask, training)
+    m = tl.load(count_ptr + c, mask=mask_if(stat_mask, count_from_ptr), other=0.0).to(acc_ty)
+    m = tl.where(count_from_ptr != 0, m, tl.cast(count, acc_ty))
+    m = tl.maximum(m, 1.0)
+    sum_g = tl.load(sums_ptr + c, mask=stat_mask, other=0.0)
+    sum_g_xhat = tl.load(sums_ptr + C + c, mask=stat_mask, other=0.0)
+    q = -a * invstd * sum_g_xhat / m
+    r = -a * sum_g / m
+    return mean, a, bias, q, r
+
+
 @triton.jit(do_not_specialize=_RUNTIME_INTS + _FLAGS + ["count", "training", "count_from_ptr",
                                                         "write_dx", "write_dres"])
 def bn_bwd_dx_kernel(
@@ -491,6 +630,7 @@ def bn_bwd_dx_kernel(
     slope_lo, scale_is_var, has_weight, has_bias, has_residual, reverse, training,
     count_from_ptr, write_dx, write_dres,
     ACTIVATION: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+    FLAT_C: tl.constexpr = 0,
 ):
     """dx = w * invstd / m * (m * g - sum g - x_hat * sum g * x_hat) and d(residual) = g,
     g = dy * act'(z), one tile per program.
@@ -517,19 +657,39 @@ def bn_bwd_dx_kernel(
     c, t = _elementwise_tile(n_tiles, reverse, BLOCK_C)
     c_mask = c < C
     acc_ty = mean_ptr.dtype.element_ty
-    mean, invstd, a, bias = _channel_affine(
-        mean_ptr, scale_ptr, weight_ptr, bias_ptr, c, c_mask, _host_float(eps_hi, eps_lo, acc_ty),
-        scale_is_var, has_weight, has_bias)
-    stat_mask = mask_if(c_mask, training)
-    m = tl.load(count_ptr + c, mask=mask_if(stat_mask, count_from_ptr), other=0.0).to(acc_ty)
-    m = tl.where(count_from_ptr != 0, m, tl.cast(count, acc_ty))
-    m = tl.maximum(m, 1.0)
-    sum_g = tl.load(sums_ptr + c, mask=stat_mask, other=0.0)
-    sum_g_xhat = tl.load(sums_ptr + C + c, mask=stat_mask, other=0.0)
-    q = -a * invstd * sum_g_xhat / m
-    r = -a * sum_g / m
-    offs, mask, n_valid = _tile(t, tiles_per_n, S, c.to(tl.int64) * stride_c, c_mask, stride_n,
-                                stride_s, BLOCK_S)
+    eps = _host_float(eps_hi, eps_lo, acc_ty)
+    if FLAT_C > 0:
+        # Per-lane constants: each channel's computed once, selected by the lane's channel.
+        f, ch = _flat_lanes(FLAT_C, BLOCK_C, BLOCK_S)
+        mean = tl.zeros(ch.shape, dtype=acc_ty)
+        a = tl.zeros(ch.shape, dtype=acc_ty)
+        bias = tl.zeros(ch.shape, dtype=acc_ty)
+        q = tl.zeros(ch.shape, dtype=acc_ty)
+        r = tl.zeros(ch.shape, dtype=acc_ty)
+        for k in tl.static_range(FLAT_C):
+            ck = tl.arange(0, 1) + k
+            mean_k, a_k, bias_k, q_k, r_k = _dx_constants(
+                mean_ptr, scale_ptr, weight_ptr, bias_ptr, sums_ptr, count_ptr, count, ck,
+                ck < C, C, eps, scale_is_var, has_weight, has_bias, training, count_from_ptr)
+            sel = ch == k
+            mean = tl.where(sel, mean_k[:, None], mean)
+            a = tl.where(sel, a_k[:, None], a)
+            if ACTIVATION != ACT_IDENTITY:  # bias enters only the recomputed z
+                bias = tl.where(sel, bias_k[:, None], bias)
+            q = tl.where(sel, q_k[:, None], q)
+            r = tl.where(sel, r_k[:, None], r)
+        offs, mask = _flat_tile(t, tiles_per_n, S, f, stride_n, FLAT_C, BLOCK_S)
+    else:
+        mean, a, bias, q, r = _dx_constants(
+            mean_ptr, scale_ptr, weight_ptr, bias_ptr, sums_ptr, count_ptr, count, c, c_mask, C,
+            eps, scale_is_var, has_weight, has_bias, training, count_from_ptr)
+        mean = mean[:, None]
+        a = a[:, None]
+        bias = bias[:, None]
+        q = q[:, None]
+        r = r[:, None]
+        offs, mask, n_valid = _tile(t, tiles_per_n, S, c.to(tl.int64) * stride_c, c_mask,
+                                    stride_n, stride_s, BLOCK_S)
     dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(acc_ty)
     # Eval without an activation: q = r = 0 and the masked-off load of x touches no memory.
     if ACTIVATION == ACT_IDENTITY:
@@ -540,5 +700,5 @@ def bn_bwd_dx_kernel(
     g = _grad_z(x, dy, res_ptr, offs, mask, mean, a, bias,
                 _host_float(slope_hi, slope_lo, acc_ty), has_residual, ACTIVATION)
     tl.store(dres_ptr + offs, g.to(dres_ptr.dtype.element_ty), mask=mask_if(mask, write_dres))
-    dx = a[:, None] * g + q[:, None] * (x - mean[:, None]) + r[:, None]
+    dx = a * g + q * (x - mean) + r
     tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask_if(mask, write_dx))

@@ -43,6 +43,21 @@ S_INNER_TILES = ((32, 64), (8, 256), (2, 1024), (1, 2048))
 # Widest: 64 channels (a 128x16 tile spilled the statistics kernel's per-lane accumulators
 # on sm_80 in fp32; rows of 64 channels are still 128-256 contiguous bytes).
 C_INNER_TILES = ((4, 512), (16, 128), (32, 64), (64, 32))
+# Flat tiles: when channels are innermost and each sample's (position x channel) block is one
+# contiguous run (channels_last, channels_last_3d, (N, C) rows, C == 1 in any dense layout)
+# and C <= FLAT_MAX_C, the kernels read that run as flat 16-byte vectors: a tile of
+# [next_pow2(C) rows, FLAT_TILE_ELEMS / next_pow2(C)] lanes over C * BLOCK_S contiguous
+# elements, each lane's channel = its flat offset % C (fixed across tiles), instead of
+# [4 x 512] channel-inner tiles whose rows of C elements (6-12 bytes for C = 3) cannot be
+# vectorised. Rows beyond C (C = 3, 5, 6, 7) are masked whole, so vectors stay whole.
+# C <= 8: the per-lane parameters come from a static select over the C channels, and the
+# reductions merge lanes once per channel; both costs grow with C.
+FLAT_MAX_C = 8
+FLAT_TILE_ELEMS = TILE_ELEMS
+# C not a power of two (3, 5, 6, 7): a lane's channel varies along both tile axes, so the
+# per-lane parameters take a register per element instead of one per column; half the
+# lanes keep those kernels near the others' register counts (python -m bench static).
+FLAT_TILE_ELEMS_NPOT = TILE_ELEMS // 2
 # float64 is the gradcheck/correctness path: one tile per orientation keeps the compile list
 # short; 1024 elements (2048 spill in the fp64 reductions; the shapes are those ptxas
 # compiles spill-free, see test_static_compile_sm90).
@@ -84,11 +99,12 @@ class Plan:
     stride_n: int
     stride_c: int
     stride_s: int
-    orientation: str  # "s_inner" (stride_s == 1) or "c_inner" (stride_c == 1)
+    orientation: str  # "s_inner" (stride_s == 1), "c_inner" (stride_c == 1) or "flat"
     block_c: int
     block_s: int
     splits: int = 1  # programs per channel block in the reductions
     tiles_per_split: int = 1
+    flat_c: int = 0  # "flat": C (the kernels' FLAT_C), else 0
     # Per call-signature state of the ops built on this plan (ops/_bn_call.py), built on the
     # first call with that signature; it lives and dies with this plan's cache entry.
     calls: dict = dataclasses.field(default_factory=dict, init=False, compare=False,
@@ -167,6 +183,10 @@ def _ncs(shape, strides):
         N, S, stride_n, stride_s = 1, N, None, stride_n
     elif stride_n == S * stride_s:
         N, S, stride_n = 1, N * S, None
+    elif stride_s == N * stride_n:
+        # Positions outside samples ((L, N, C) or (L, N) storage, sequence-first): the
+        # statistics do not depend on the order of (n, s), so the row runs n-fastest.
+        N, S, stride_n, stride_s = 1, N * S, None, stride_n
     stride_n = 0 if stride_n is None else stride_n
     if stride_c == 1 and stride_s != 1:
         return N, C, S, stride_n, 1, (0 if stride_s is None else stride_s)
@@ -257,9 +277,13 @@ def _new_plan(shape, strides, dtype, target) -> Plan:
     ncs = _ncs(shape, strides)
     assert ncs is not None, "prepare_input() first"
     N, C, S, stride_n, stride_c, stride_s = ncs
-    orientation = "s_inner" if stride_s == 1 else "c_inner"
-    block_c, block_s = choose_tile(orientation, C, S, dtype)
-    plan = Plan(N, C, S, stride_n, stride_c, stride_s, orientation, block_c, block_s)
+    flat = choose_flat_tile(C, stride_c, stride_s, dtype)
+    if flat is not None:
+        plan = Plan(N, C, S, stride_n, stride_c, stride_s, "flat", *flat, flat_c=C)
+    else:
+        orientation = "s_inner" if stride_s == 1 else "c_inner"
+        block_c, block_s = choose_tile(orientation, C, S, dtype)
+        plan = Plan(N, C, S, stride_n, stride_c, stride_s, orientation, block_c, block_s)
     splits, tiles_per_split = num_splits(plan, target)
     return dataclasses.replace(plan, splits=splits, tiles_per_split=tiles_per_split)
 
@@ -281,6 +305,21 @@ def choose_tile(orientation: str, C: int, S: int, dtype: torch.dtype) -> tuple[i
         if C <= block_c:
             return block_c, block_s
     return C_INNER_TILES[-1]
+
+
+def choose_flat_tile(C: int, stride_c: int, stride_s: int,
+                     dtype: torch.dtype) -> tuple[int, int] | None:
+    """(BLOCK_C, BLOCK_S) of a flat tile for a layout whose channels are innermost and whose
+    positions step by exactly C (each sample one contiguous run of S * C elements; C == 1:
+    any unit spatial stride), C <= FLAT_MAX_C; None otherwise. BLOCK_C = next power of two
+    >= C rows of BLOCK_S contiguous lanes. float64 keeps the channel-inner tiles: its
+    correctness path gains nothing from wider vectors."""
+    if dtype == torch.float64 or C > FLAT_MAX_C or stride_s != C:
+        return None
+    if C > 1 and stride_c != 1:
+        return None
+    rows = 1 << (C - 1).bit_length()
+    return rows, (FLAT_TILE_ELEMS if rows == C else FLAT_TILE_ELEMS_NPOT) // rows
 
 
 def merge_block_p(block_c: int) -> int:
@@ -409,8 +448,8 @@ def dx_register_cap(dtype: torch.dtype) -> dict:
 
 
 def _meta(plan: Plan) -> dict:
-    return dict(BLOCK_C=plan.block_c, BLOCK_S=plan.block_s, num_warps=NUM_WARPS,
-                num_stages=NUM_STAGES, enable_fp_fusion=FP_FUSION)
+    return dict(BLOCK_C=plan.block_c, BLOCK_S=plan.block_s, FLAT_C=plan.flat_c,
+                num_warps=NUM_WARPS, num_stages=NUM_STAGES, enable_fp_fusion=FP_FUSION)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -715,7 +754,7 @@ def plan_batch_norm(shape, dtype, *, channels_last: bool = False, training: bool
         sm_count = _sm_count(torch.cuda.current_device()) if torch.cuda.is_available() else 132
     lay = _new_plan(tuple(x.shape), tuple(x.stride()), dtype, PROGRAMS_PER_SM * sm_count)
     code = ACTIVATION_CODES[activation]
-    tile = dict(BLOCK_C=lay.block_c, BLOCK_S=lay.block_s)
+    tile = dict(BLOCK_C=lay.block_c, BLOCK_S=lay.block_s, FLAT_C=lay.flat_c)
     red = dict(tile, BLOCK_P=merge_block_p(lay.block_c))
     fwd, bwd = [], []
     if training:
