@@ -77,11 +77,40 @@ ACTIVATION_CODES = {"identity": 0, "relu": 1, "silu": 2, "gelu": 3, "gelu_tanh":
 PLAN_CACHE_SIZE = 1024
 # Upper bound on splits per channel block: bounds the partial buffers and the merge's work.
 MAX_SPLITS = 512
-# Programs per SM to aim for in the split reductions: what fits at once. The offline report
-# (python -m bench static) gives the reductions 120-141 registers per thread at 4 warps on
-# sm_90 (fp32/bf16), so 65536 registers hold floor(65536 / (~128 * 128)) = 4 programs per
-# SM: one full wave, and every program's partial is ready for the last one's merge.
-PROGRAMS_PER_SM = 4
+# Programs per SM to aim for in the split reductions: as many as fit at once (one full
+# wave, every program's partial ready for the last one's merge, no second partial wave), from
+# what binds the compiled reductions (bn_stats_kernel, bn_bwd_reduce_kernel) at NUM_WARPS:
+# registers. Left alone, ptxas gives the statistics kernel up to 161 registers (fp32, flat
+# C = 1, sm_80; 149 at C = 8; 138-139 for the 64 x 32 fp32/fp16 tile on sm_90): 3
+# programs per SM, so a grid of 4 per SM ran in 1.33 waves. Both reductions are therefore
+# capped at REDUCTION_REGISTERS for every dtype but float64 (the correctness path, 158-236
+# registers, uncapped), and the offline report (python -m bench static, sm_90 and sm_80,
+# every tile and activation) shows them spill-free there; their shared memory
+# (<= REDUCTION_SHARED_BYTES of reduction scratch) and 4-warp blocks never bind.
+# tests/test_bn_flat_tiles.py pins the arithmetic.
+REDUCTION_REGISTERS = 128
+REDUCTION_SHARED_BYTES = 8192
+# Per-SM limits of sm_80 / sm_90 (the smaller where they differ: sm_80's 164 KB of shared
+# memory); registers are allocated per warp in units of 256.
+SM_REGISTERS = 65536
+SM_REGISTER_UNIT = 256
+SM_THREADS = 2048
+SM_BLOCKS = 32
+SM_SHARED_BYTES = 164 * 1024
+
+
+def programs_per_sm(registers: int, num_warps: int, shared_bytes: int = 0) -> int:
+    """Programs of ``num_warps`` warps, ``registers`` per thread and ``shared_bytes`` of
+    shared memory each that one SM holds at once (at least 1)."""
+    regs_per_warp = -(-registers * 32 // SM_REGISTER_UNIT) * SM_REGISTER_UNIT
+    fits = [(SM_REGISTERS // regs_per_warp) // num_warps, SM_THREADS // (32 * num_warps),
+            SM_BLOCKS]
+    if shared_bytes:
+        fits.append(SM_SHARED_BYTES // shared_bytes)
+    return max(1, min(fits))
+
+
+PROGRAMS_PER_SM = programs_per_sm(REDUCTION_REGISTERS, NUM_WARPS, REDUCTION_SHARED_BYTES)
 # Under the interpreter programs run one after another; pretend a small GPU so that the
 # split/merge path is still exercised by small test shapes.
 INTERPRETER_SMS = 2
@@ -105,6 +134,7 @@ class Plan:
     splits: int = 1  # programs per channel block in the reductions
     tiles_per_split: int = 1
     flat_c: int = 0  # "flat": C (the kernels' FLAT_C), else 0
+    max_registers: int = 0  # maxnreg of the statistics kernel (reduction_register_cap)
     # Per call-signature state of the ops built on this plan (ops/_bn_call.py), built on the
     # first call with that signature; it lives and dies with this plan's cache entry.
     calls: dict = dataclasses.field(default_factory=dict, init=False, compare=False,
@@ -285,7 +315,8 @@ def _new_plan(shape, strides, dtype, target) -> Plan:
         block_c, block_s = choose_tile(orientation, C, S, dtype)
         plan = Plan(N, C, S, stride_n, stride_c, stride_s, orientation, block_c, block_s)
     splits, tiles_per_split = num_splits(plan, target)
-    return dataclasses.replace(plan, splits=splits, tiles_per_split=tiles_per_split)
+    return dataclasses.replace(plan, splits=splits, tiles_per_split=tiles_per_split,
+                               max_registers=reduction_register_cap(dtype))
 
 
 # ----------------------------------------------------------------------------- heuristics
@@ -428,13 +459,22 @@ def device_guard(x: torch.Tensor):
     return _cuda_guard(x) if x.is_cuda else _NO_GUARD
 
 
+def reduction_register_cap(dtype: torch.dtype) -> int:
+    """maxnreg of the split reductions (0: ptxas' choice): REDUCTION_REGISTERS, so that
+    PROGRAMS_PER_SM of them fit on an SM, except for float64 (see REDUCTION_REGISTERS)."""
+    return 0 if dtype == torch.float64 else REDUCTION_REGISTERS
+
+
 def bwd_reduce_register_cap(dtype: torch.dtype) -> dict:
-    """maxnreg for the backward reduction. With 16-bit inputs ptxas left alone settles at
-    80 registers for the hardswish epilogue on sm_90 and spills; every 16-bit tile fits in
-    128 (the offline report checks it). Other dtypes keep ptxas' choice (fp64 needs more)."""
-    if dtype in (torch.float16, torch.bfloat16):
-        return {"maxnreg": 128}
-    return {}
+    """maxnreg for the backward reduction (reduction_register_cap). With 16-bit inputs ptxas
+    left alone also settles at 80 registers for the hardswish epilogue on sm_90 and
+    spills; every tile fits in 128 (the offline report checks it)."""
+    cap = reduction_register_cap(dtype)
+    return {"maxnreg": cap} if cap else {}
+
+
+def _stats_options(plan: Plan) -> dict:
+    return {"maxnreg": plan.max_registers} if plan.max_registers else {}
 
 
 def dx_register_cap(dtype: torch.dtype) -> dict:
@@ -499,7 +539,7 @@ def stats_launch(plan: Plan, eps: float, momentum: float, update_running: bool,
         plan.splits, plan.splits * plan.C, *host_pair(float(momentum)),
         *host_pair(float(eps))),
         final=int(final), update_running=int(update_running), cumulative=int(cumulative),
-        BLOCK_P=merge_block_p(plan.block_c), **_meta(plan))
+        BLOCK_P=merge_block_p(plan.block_c), **_meta(plan), **_stats_options(plan))
 
 
 @_launch_cache

@@ -185,3 +185,19 @@ def test_deterministic_reruns():
         outs.append((y.detach().clone(), x.grad.clone(), rm, rv))
     for a, b in zip(*outs, strict=True):
         assert torch.equal(a, b)
+
+
+# ----------------------------------------------------------------------------- occupancy
+
+
+def test_programs_per_sm_from_registers():
+    # Registers are allocated per warp in units of 256 (8 per thread): 128 per thread at 4
+    # warps is 4 programs per SM; one more register costs a program (3 up to 168 per
+    # thread), past 168 another. Shared memory binds only when large.
+    f = L.programs_per_sm
+    assert [f(r, 4) for r in (64, 128, 129, 168, 169, 255)] == [8, 4, 3, 3, 2, 2]
+    assert f(32, 4) == 16                      # threads: 2048 per SM
+    assert f(32, 1) == 32                      # blocks: 32 per SM
+    assert f(64, 4, shared_bytes=64 * 1024) == 2
+    assert L.PROGRAMS_PER_SM == f(L.REDUCTION_REGISTERS, L.NUM_WARPS,
+                                  L.REDUCTION_SHARED_BYTES)
