@@ -135,7 +135,7 @@ class Call:
             rm, rv = as_acc(rm, acc), as_acc(rv, acc)
         with L.device_guard(x):
             if self.training:
-                part, tickets, _ = L.scratch(dev, acc, self.stats_parts, self.n_cblocks)
+                part, tickets, _ = L.scratch(x, acc, self.stats_parts, self.n_cblocks)
                 mean = _alloc.new_empty(part, 2, self.C)  # part: acc, on dev
                 self.stats(x, part, tickets, mean, rm if self.update else mean,
                            rv if self.update else mean,
@@ -183,7 +183,7 @@ class Call:
         recompute_z. One reduction launch (sum g and sum g * x_hat; in eval only for the
         parameters' gradients), then one launch for dx and d(residual)."""
         reduce, grad = self._backward_launches(want_dx, want_params, want_dres)
-        acc, dev, C = self.acc, x.device, self.C
+        acc, C = self.acc, self.C
         dy = grad_y if grad_y.stride() == x.stride() else L.match_layout(grad_y, x)
         if self.convert_params:
             weight, bias = as_acc(weight, acc), as_acc(bias, acc)
@@ -193,7 +193,7 @@ class Call:
         sums = gw = gb = dx = dres = None
         with L.device_guard(x):
             if reduce is not None:
-                part, tickets, sums = L.scratch(dev, acc, self.reduce_parts, self.n_cblocks,
+                part, tickets, sums = L.scratch(x, acc, self.reduce_parts, self.n_cblocks,
                                                 2 * C)
                 if want_params:
                     gw, gb = _alloc.new_empty(mean, C), _alloc.new_empty(mean, C)

@@ -287,7 +287,9 @@ _PLANS: dict = {}
 def planned(x: torch.Tensor) -> Plan | None:
     """The cached plan of ``x`` if one was made for exactly its (shape, strides, dtype,
     device, target programs), else None: a dictionary lookup, for the ops' hot path."""
-    return _PLANS.get((x.shape, x.stride(), x.dtype, x.device, target_programs(x.device)))
+    # x.is_cuda rather than target_programs' device.type: a string built per read.
+    target = target_programs(x.device) if x.is_cuda else PROGRAMS_PER_SM * INTERPRETER_SMS
+    return _PLANS.get((x.shape, x.stride(), x.dtype, x.device, target))
 
 
 def make_plan(x: torch.Tensor) -> Plan:
@@ -432,19 +434,21 @@ def _workspace(device: torch.device, dtype: torch.dtype, n: int, stream=None,
 _SCRATCH: dict = {}
 
 
-def scratch(device: torch.device, dtype: torch.dtype, n_parts: int, n_tickets: int,
+def scratch(x: torch.Tensor, dtype: torch.dtype, n_parts: int, n_tickets: int,
             n_sums: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(partials, tickets, sums) of a reduction launch on the device's current stream: the
-    buffers of _workspace and _tickets (sums: the backward's, for when the next launch in
+    """(partials, tickets, sums) of a reduction launch over x on its device's current stream:
+    the buffers of _workspace and _tickets (sums: the backward's, for when the next launch in
     stream order is their only reader), found with one lookup per (stream, dtype)."""
+    device = x.device
     if _alloc.poisoning():
         stream = _stream_key(device)
         return (_workspace(device, dtype, n_parts, stream), _tickets(device, n_tickets, stream),
                 _workspace(device, dtype, n_sums, stream, slot="sums"))
-    key = (_stream_key(device), dtype)
+    # (x.is_cpu: _stream_key's device.type is a string built per read.)
+    stream = "cpu" if x.is_cpu else _stream_key(device)
+    key = (stream, dtype)
     got = _SCRATCH.get(key)
     if got is None or n_parts > got[3] or n_tickets > got[4] or n_sums > got[5]:
-        stream = key[0]
         bufs = (_workspace(device, dtype, n_parts, stream), _tickets(device, n_tickets, stream),
                 _workspace(device, dtype, n_sums, stream, slot="sums"))
         got = _SCRATCH[key] = bufs + tuple(b.numel() for b in bufs)
@@ -595,7 +599,7 @@ def stats(x: torch.Tensor, plan: Plan, eps: float, running_mean=None, running_va
     on the device); not final: [3, C] acc (count, mean, M2), a rank's local statistics."""
     acc = acc_dtype(x.dtype)
     dev = x.device
-    part, tickets, _ = scratch(dev, acc, 3 * plan.splits * plan.C, plan.n_cblocks)
+    part, tickets, _ = scratch(x, acc, 3 * plan.splits * plan.C, plan.n_cblocks)
     out = _alloc.empty((2 if final else 3, plan.C), dtype=acc, device=dev)
     update = final and running_mean is not None
     nbt = num_batches_tracked if (update and cumulative) else None
@@ -661,7 +665,7 @@ def bwd_reduce(x: torch.Tensor, dy: torch.Tensor, plan: Plan, mean, scale, scale
     acc = acc_dtype(x.dtype)
     dev = x.device
     C = plan.C
-    part, tickets, _ = scratch(dev, acc, 2 * plan.splits * C, plan.n_cblocks)
+    part, tickets, _ = scratch(x, acc, 2 * plan.splits * C, plan.n_cblocks)
     sums = _alloc.empty((2, C), dtype=acc, device=dev)
     if want_grads:
         gw = _alloc.new_empty(sums, C)
