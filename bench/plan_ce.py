@@ -112,6 +112,20 @@ def _fmt_kernel(name, grid, consts) -> str:
     return f"    {name:34s} grid {str(tuple(grid)):16s} {c}"
 
 
+def _split_occupancy(lp) -> list[str]:
+    """For the split-row path: members per row and programs per SM of the model GPU."""
+    if lp.path != "split":
+        return []
+    from fusedgrad import _ce_launch as launch
+
+    name, grid, consts = lp.kernels[0]
+    members = -(-lp.n_classes // consts["CHUNK"])
+    per_sm = launch.split_programs_per_sm()
+    return [f"  split rows: {members} members of {consts['CHUNK']} classes per row; "
+            f"{grid[0]} programs = {grid[0] / launch.MODEL_SMS:.2f} per SM "
+            f"({per_sm} resident per SM x {launch.MODEL_SMS} SMs)"]
+
+
 def format_plan(p: CallPlan) -> str:
     lp = p.launcher
     elem = _elem_size(p.dtype)
@@ -122,6 +136,7 @@ def format_plan(p: CallPlan) -> str:
     lines = [
         f"ce {p.dtype} {p.n_rows}x{p.n_classes} {p.mode} (class targets, mean)",
         f"  path: {lp.path}",
+        *_split_occupancy(lp),
         "  forward kernels:",
         *(_fmt_kernel(*k) for k in p.host_kernels[:1]),
         *(_fmt_kernel(*k) for k in lp.kernels[:lp.launches_fwd]),

@@ -481,9 +481,8 @@ def cross_entropy_split_kernel(
     target_stride_outer, target_stride_inner, target_stride_class,
     ignore_index, smoothing_hi, smoothing_lo, z_loss_hi, z_loss_lo, softcap_hi, softcap_lo,
     has_softcap, write_grad, max_spin,
-    PROB_TARGET: tl.constexpr, IS_FP64: tl.constexpr, LARGE_OFFSETS: tl.constexpr,
-    HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, CHUNK: tl.constexpr,
-    MAX_CHUNKS: tl.constexpr,
+    PROB_TARGET: tl.constexpr, IS_FP64: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+    HAS_SMOOTHING: tl.constexpr, CHUNK: tl.constexpr, MAX_CHUNKS: tl.constexpr,
 ):
     """Loss and gradient with each row split over n_chunks co-resident programs: one read
     and one write per logit for rows far longer than one program can hold.
@@ -513,7 +512,10 @@ def cross_entropy_split_kernel(
                   row to finish resets that row's flags and counter, so no memset launch
                   is needed between calls (and CUDA-graph replays stay correct).
     Scalars as in cross_entropy_fwd_bwd_kernel; max_spin bounds the waiting.
-    Constexprs: PROB_TARGET, IS_FP64, LARGE_OFFSETS (int64 class offsets), HAS_WEIGHT,
+    Offsets: rows and chunk starts are addressed in 64 bits, offsets within a chunk
+      (column x class stride) in 32: the launcher keeps CHUNK x every class stride below
+      2^31 (choose_path), so no 64-bit column vector is ever live.
+    Constexprs: PROB_TARGET, IS_FP64, HAS_WEIGHT,
       HAS_SMOOTHING (class index with eps != 0: the smoothing sums), CHUNK (classes per
       member, power of 2; n_chunks = cdiv(n_classes, CHUNK)), MAX_CHUNKS (power of 2
       >= n_chunks: the width of the partial vectors).
@@ -532,15 +534,16 @@ def cross_entropy_split_kernel(
     label_smoothing = _scalar(smoothing_hi, smoothing_lo, IS_FP64)
     z_loss = _scalar(z_loss_hi, z_loss_lo, IS_FP64)
     softcap = _scalar(softcap_hi, softcap_lo, IS_FP64)
-    weight_total = tl.load(reduce_ptr + 1).to(acc_ty)
-    scale_all = tl.load(reduce_ptr).to(acc_ty)
     keep = 1.0 - label_smoothing
     add = label_smoothing / n_classes
+    # This member's classes [start, start + CHUNK), addressed from 64-bit chunk bases by
+    # 32-bit in-chunk offsets (see the docstring): a live int64 column vector would cost
+    # 16 registers per thread, and two programs per SM leave none to spare.
     cols = tl.arange(0, CHUNK)
-    if LARGE_OFFSETS:
-        cols = cols.to(tl.int64)
-    my_cols = member * CHUNK + cols
-    my_mask = my_cols < n_classes
+    start = member * CHUNK
+    start64 = tl.cast(start, tl.int64)
+    my_mask = cols < n_classes - start
+    my_weights = weight_ptr + start
     flags = sync_ptr
     done = sync_ptr + n_rows * n_chunks
     # The shared loaders take a runtime flag; a constant one folds away at compile time.
@@ -555,15 +558,18 @@ def cross_entropy_split_kernel(
         row_logits = logits_ptr + outer * logit_stride_outer + inner * logit_stride_inner
         row_grad = grad_ptr + outer * grad_stride_outer + inner * grad_stride_inner
         row_target = target_ptr + outer * target_stride_outer + inner * target_stride_inner
+        my_logits = row_logits + start64 * logit_stride_class
+        my_grad = row_grad + start64 * grad_stride_class
+        my_target = row_target + start64 * target_stride_class
         # The one read of this member's chunk; z (and v = w y' for probabilities) stay
         # in registers until the gradient is written.
         # Kept as loaded (16-bit logits stay packed, two per register) and upcast
         # (and soft-capped) again for the gradient: registers are the occupancy limit.
-        z_raw = tl.load(row_logits + my_cols * logit_stride_class, mask=my_mask, other=0.0)
+        z_raw = tl.load(my_logits + cols * logit_stride_class, mask=my_mask, other=0.0)
         z = _upcast_logits(z_raw, my_mask, softcap, has_softcap, IS_FP64)
-        w = _load_weights(weight_ptr, my_cols, my_mask, has_weight, IS_FP64)
+        w = _load_weights(my_weights, cols, my_mask, has_weight, IS_FP64)
         if PROB_TARGET:
-            y = _load_target_probs(row_target, my_cols, my_mask, target_stride_class, keep, add,
+            y = _load_target_probs(my_target, cols, my_mask, target_stride_class, keep, add,
                                    IS_FP64)
             v = w * y
         else:
@@ -603,9 +609,12 @@ def cross_entropy_split_kernel(
             # partner's own code (same chunk width, same reductions: the same bits).
             for j in range(0, n_chunks):
                 if tl.sum(tl.where(kidx == j, ready, 0), axis=0) == 0:
-                    jc = my_cols + (j - member) * CHUNK  # (one column vector stays live)
-                    jmask = jc < n_classes
-                    jz, jw, jvv = _load_chunk(row_logits, row_target, weight_ptr, jc, jmask,
+                    j_start = j * CHUNK
+                    j64 = tl.cast(j_start, tl.int64)
+                    jmask = cols < n_classes - j_start
+                    jz, jw, jvv = _load_chunk(row_logits + j64 * logit_stride_class,
+                                              row_target + j64 * target_stride_class,
+                                              weight_ptr + j_start, cols, jmask,
                                               logit_stride_class, target_stride_class, softcap,
                                               has_softcap, has_weight, keep, add, IS_FP64,
                                               PROB_TARGET, "")
@@ -617,10 +626,10 @@ def cross_entropy_split_kernel(
                     vv = tl.where(kidx == j, jv, vv)
             # This rare path reads its own chunk again: keeping it live through the
             # recomputation would spill (the offline compile shows it).
-            z_raw = tl.load(row_logits + my_cols * logit_stride_class, mask=my_mask, other=0.0)
+            z_raw = tl.load(my_logits + cols * logit_stride_class, mask=my_mask, other=0.0)
             if PROB_TARGET:
-                w = _load_weights(weight_ptr, my_cols, my_mask, has_weight, IS_FP64)
-                v = w * _load_target_probs(row_target, my_cols, my_mask, target_stride_class,
+                w = _load_weights(my_weights, cols, my_mask, has_weight, IS_FP64)
+                v = w * _load_target_probs(my_target, cols, my_mask, target_stride_class,
                                            keep, add, IS_FP64)
         # Integer atomic: counts the members done with this row's flags and partials;
         # the last one resets them for the next launch (no memset launch).
@@ -654,6 +663,10 @@ def cross_entropy_split_kernel(
             else:
                 w_t = tl.full((), 1.0, acc_ty)
             lin_row = lin
+        # W = sum of the class weights, loaded per row rather than held through the loop
+        # (registers go to the chunk).
+        weight_total = tl.load(reduce_ptr + 1).to(acc_ty)
+        if not PROB_TARGET:
             vsum_row = weight_total
         loss, lse, log_s, coef_a, coef_t, coef_smooth = _row_loss(
             m, s, lin_row, vsum_row, z_t, w_t, ignored, in_range, weight_total,
@@ -662,16 +675,18 @@ def cross_entropy_split_kernel(
             tl.store(loss_ptr + row, loss)
             tl.store(lse_ptr + row, lse)
         if write_grad != 0:
-            scale = scale_all
+            scale = tl.load(reduce_ptr).to(acc_ty)
             if not PROB_TARGET:
                 scale = tl.where(ignored, 0.0, tl.where(in_range, scale, float("nan")))
             if HAS_WEIGHT:
                 # Reloaded (L2) rather than kept live: registers go to the chunk.
-                w = _load_weights(weight_ptr, my_cols, my_mask, has_weight, IS_FP64)
+                w = _load_weights(my_weights, cols, my_mask, has_weight, IS_FP64)
             z = _upcast_logits(z_raw, my_mask, softcap, has_softcap, IS_FP64)
-            g = _grad_chunk(z, my_mask, my_cols, m, log_s, coef_a, coef_t, coef_smooth,
-                            target_col, w, v, scale, softcap, has_softcap, PROB_TARGET)
-            tl.store(row_grad + my_cols * grad_stride_class, g.to(out_ty), mask=my_mask)
+            # (the target's column relative to this chunk: cols are chunk-local)
+            g = _grad_chunk(z, my_mask, cols, m, log_s, coef_a, coef_t, coef_smooth,
+                            target_col - start64, w, v, scale, softcap, has_softcap,
+                            PROB_TARGET)
+            tl.store(my_grad + cols * grad_stride_class, g.to(out_ty), mask=my_mask)
 
 
 @triton.jit

@@ -53,23 +53,26 @@ _INT32_LIMIT = 2**31
 # ---- long rows: the split-row path (one read + one write per logit) --------------------
 # Classes per member program of the split-row kernel, by element size: at
 # SPLIT_NUM_WARPS warps, 16 logits per thread (32 bytes of 16-bit logits in flight per
-# thread), 8 for fp32 and 2 for fp64; ~90-128 registers, no spills on sm_80/sm_90 (the
-# offline compile checks), one 16-warp program per SM. Capping registers at 64 (two
-# programs per SM) spills already at 8 values per thread (the bounded-wait fallback keeps
-# a second chunk live); 4 values per thread would fit but leave ~1 MB in flight on the
-# whole GPU, too little to cover HBM latency.
-SPLIT_CHUNK = {2: 8192, 4: 4096, 8: 1024}  # by element size, class-index targets;
+# thread), 8 for fp32 and 2 for fp64; 96-128 registers, no spills on sm_80/sm_90 (the
+# offline compile checks), so two 8-warp programs fit an SM's 65536 registers: at few
+# rows a row's members spread over twice the SMs' slots, and one program's exchange
+# (flag spin, partial merge) overlaps the other's loads. Per SM that is as many warps and
+# bytes in flight as one 16-warp program of twice the chunk.
+# Capping registers at 64 spills already at 8 values per thread (the bounded-wait
+# fallback keeps a second chunk live); fp32 at 16 values per thread spills at 128.
+SPLIT_CHUNK = {2: 4096, 4: 2048, 8: 512}  # by element size, class-index targets;
 # probability targets keep w y' on chip too: half the chunk.
-SPLIT_NUM_WARPS = 16
-# Passed explicitly (maxnreg): left alone, ptxas sometimes settles below the 128 a 16-warp
-# program may use and spills (fp32 probabilities on sm_90).
+SPLIT_NUM_WARPS = 8
+# Passed explicitly (maxnreg): left alone, ptxas sometimes settles below what a program
+# may use and spills (fp32 probabilities on sm_90); 128 keeps two programs per SM.
 SPLIT_MAX_REGISTERS = 128
-# Longest row of the split path: 262144 classes (32 x 8192 for 16-bit logits, 64 x 4096
-# for fp32; probabilities 131072, fp64 65536, fp64 probabilities 32768: at most
+# Longest row of the split path: 262144 classes (64 x 4096 for 16-bit logits, 128 x 2048
+# for fp32; probabilities 131072 in fp32, fp64 65536, fp64 probabilities 32768: at most
 # MAX_SPLIT_CHUNKS members). Longer rows, or groups the GPU cannot hold at once, take
-# the two-pass path.
+# the two-pass path. The kernel's vectors of partials are MAX_SPLIT_CHUNKS wide: 128 lanes
+# over 256 threads compile without spills (at 16 warps 64 lanes were the most that fit).
 MAX_SPLIT_CLASSES = 262144
-MAX_SPLIT_CHUNKS = 64
+MAX_SPLIT_CHUNKS = 128
 # Total spins per row a member may spend waiting for partners' partials before it
 # recomputes the missing ones from global memory (each spin is one L2 atomic, ~1 us).
 SPLIT_MAX_SPIN = 4096
@@ -196,8 +199,8 @@ def split_chunks(n_classes: int, dtype: torch.dtype, prob_target: bool) -> int:
 def split_max_chunks(dtype: torch.dtype, prob_target: bool) -> int:
     """MAX_CHUNKS of the split-row kernel (the width of its vectors of partials, one
     compiled variant per dtype/target kind) and the most members a row may have:
-    MAX_SPLIT_CLASSES worth of chunks, at most MAX_SPLIT_CHUNKS (wider vectors cost the
-    16-bit 8192-wide variants their last registers: 64 lanes spill on sm_80/sm_90)."""
+    MAX_SPLIT_CLASSES worth of chunks, at most MAX_SPLIT_CHUNKS (the widest vectors the
+    offline compile takes without spills)."""
     return min(MAX_SPLIT_CHUNKS, MAX_SPLIT_CLASSES // split_chunk(dtype, prob_target))
 
 
@@ -220,7 +223,7 @@ def split_programs_per_sm() -> int:
     """Resident split-row programs per SM, from what bounds the compiled kernel: its
     warps, and its registers per thread, which ptxas keeps within SPLIT_MAX_REGISTERS
     (or within its own 65536 / threads when uncapped, the worst case taken here: the
-    variants compile at 88-128 registers on sm_90, `python -m bench static`).
+    variants compile at 96-128 registers on sm_80/sm_90, `python -m bench static`).
     Shared memory (a few hundred bytes of reduction scratch) never binds. Derived from
     the compile, not queried per call: no compilation on the hot path."""
     threads = 32 * SPLIT_NUM_WARPS
@@ -239,17 +242,23 @@ def split_grid(n_rows: int, n_chunks: int, device: torch.device | None) -> int:
 
 
 def choose_path(n_rows: int, n_classes: int, dtype: torch.dtype, prob_target: bool,
-                device: torch.device | None = None) -> str:
+                device: torch.device | None = None, class_stride: int = 1) -> str:
     """THE decision which kernel computes a forward: "single" (the row fits one
     program's registers), "split" (one read: the row split over co-resident programs) or
     "two_pass" (a streaming pass, then a gradient pass). The first GPU measurement may
-    flip the long-row default with a one-line change here."""
+    flip the long-row default with a one-line change here.
+
+    class_stride: the largest class stride (in elements) of the logits, the gradient
+    and probability targets. The split kernel addresses within a chunk in 32 bits, so a
+    chunk times that stride must stay below 2^31 (only layouts with the class axis
+    strided by >= 2^19 elements miss it; they stream)."""
     if FORCE_PATH is not None:
         return FORCE_PATH
     if fused_block_v(n_classes, dtype, prob_target)[1]:
         return "single"
     n_chunks = split_chunks(n_classes, dtype, prob_target)
     if n_chunks <= split_max_chunks(dtype, prob_target) \
+            and split_chunk(dtype, prob_target) * class_stride < _INT32_LIMIT \
             and split_grid(n_rows, n_chunks, device) > 0:
         return "split"
     return "two_pass"
@@ -291,7 +300,7 @@ _FWD_TENSORS = ("logits", "grad", "target", "weight", "loss_rows", "lse_rows", "
 
 
 def _split_launch(rows_shape, logit_strides, grad_strides, t_strides, dtype, device, *,
-                  prob_target, has_weight, write_grad, large, scalars, label_smoothing,
+                  prob_target, has_weight, write_grad, scalars, label_smoothing,
                   softcap) -> tuple[Launch, int]:
     """(launch, n_chunks) of the split-row kernel; its tensors: logits, grad, target,
     weight (or any acc buffer), loss_rows, lse_rows, reduce_buf, partials, sync."""
@@ -303,6 +312,9 @@ def _split_launch(rows_shape, logit_strides, grad_strides, t_strides, dtype, dev
     max_chunks = split_max_chunks(dtype, prob_target)
     if grid == 0 or n_chunks > max_chunks:
         raise RuntimeError(f"split-row path: {n_chunks} programs per row do not fit")
+    if chunk * max(logit_strides[2], grad_strides[2], t_strides[2]) >= _INT32_LIMIT:
+        # (choose_path routes such layouts to the two-pass path; see the kernel's offsets)
+        raise RuntimeError("split-row path: in-chunk offsets would pass 2^31")
     cuda = device.type == "cuda"
     # Cooperative: the driver refuses the launch rather than run a grid that is not
     # co-resident (the grid never exceeds split_capacity, so it never refuses).
@@ -315,7 +327,7 @@ def _split_launch(rows_shape, logit_strides, grad_strides, t_strides, dtype, dev
         *logit_strides, *grad_strides, *t_strides, *scalars,
         int(softcap is not None), int(write_grad), SPLIT_MAX_SPIN if cuda else 0,
     ), dict(
-        PROB_TARGET=prob_target, IS_FP64=dtype == torch.float64, LARGE_OFFSETS=large,
+        PROB_TARGET=prob_target, IS_FP64=dtype == torch.float64,
         HAS_WEIGHT=has_weight, HAS_SMOOTHING=label_smoothing != 0.0 and not prob_target,
         CHUNK=chunk, MAX_CHUNKS=max_chunks, num_warps=SPLIT_NUM_WARPS,
         enable_fp_fusion=FP_FUSION, **extra,
@@ -335,8 +347,7 @@ def launch_split(logits3, grad3, target_v, weight, loss_rows, lse_rows, reduce_b
     launch, n_chunks = _split_launch(
         tuple(logits3.shape), logits3.stride(), grad3.stride(), tuple(t_strides), dtype,
         device, prob_target=prob_target, has_weight=weight is not None,
-        write_grad=write_grad, large=needs_large_offsets(logits3, grad3, target_v),
-        scalars=_scalar_args(ignore_index, label_smoothing, z_loss, softcap),
+        write_grad=write_grad, scalars=_scalar_args(ignore_index, label_smoothing, z_loss, softcap),
         label_smoothing=label_smoothing, softcap=softcap)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     if partials is None:
@@ -413,8 +424,9 @@ def plan_fwd_bwd(rows_shape: tuple, logit_strides: tuple, grad_strides: tuple | 
     if n_rows == 0:
         return FwdBwdLaunches("none", rows_shape, grad_strides, dtype, device, NO_LAUNCH,
                               scale)
-    path = choose_path(n_rows, n_classes, dtype, prob_target, device)
     t_strides = tuple(target_strides) if prob_target else (*target_strides, 0)
+    class_stride = max(logit_strides[2], grad_strides[2], t_strides[2])
+    path = choose_path(n_rows, n_classes, dtype, prob_target, device, class_stride)
     target_shape = rows_shape if prob_target else rows_shape[:2]
     large = needs_large_offsets(_meta(rows_shape, logit_strides),
                                 _meta(rows_shape, grad_strides),
@@ -424,7 +436,7 @@ def plan_fwd_bwd(rows_shape: tuple, logit_strides: tuple, grad_strides: tuple | 
         forward, n_chunks = _split_launch(
             rows_shape, logit_strides, grad_strides, t_strides, dtype, device,
             prob_target=prob_target, has_weight=has_weight, write_grad=write_grad,
-            large=large, scalars=scalars, label_smoothing=label_smoothing, softcap=softcap)
+            scalars=scalars, label_smoothing=label_smoothing, softcap=softcap)
         run = functools.partial(_run_split, forward, (n_rows, n_chunks, 4),
                                 torch.float64 if dtype == torch.float64 else torch.float32,
                                 device, n_rows * (n_chunks + 1))

@@ -199,12 +199,20 @@ def test_choose_path_defaults():
     for v in (16385, 32000, 50257, 128256, 151936, 256000):
         assert launch.choose_path(8192, v, torch.bfloat16, False) == "split", v
     assert launch.choose_path(8192, 262145, torch.bfloat16, False) == "two_pass"
-    assert launch.choose_path(8192, 256000, torch.float32, False) == "split"  # 63 x 4096
-    # Few rows x huge vocabulary fills the GPU: at 64 x 256000 the grid is as large as
-    # the GPU holds in whole groups (every SM busy); the programs loop over the rows.
+    assert launch.choose_path(8192, 256000, torch.float32, False) == "split"  # 125 x 2048
+    # A class axis strided so far that a chunk's offsets pass 2^31 streams instead (the
+    # split kernel addresses within a chunk in 32 bits).
+    assert launch.choose_path(64, 256000, torch.bfloat16, False, class_stride=2**19) \
+        == "two_pass"
+    assert launch.choose_path(64, 256000, torch.bfloat16, False, class_stride=2**19 - 1) \
+        == "split"
+    # Few rows x huge vocabulary fills the GPU: two split-row programs are resident per
+    # SM, and at 64 x 256000 the grid is as large as the GPU holds in whole groups (every
+    # SM busy, 252 of 264 slots); the programs loop over the rows.
+    assert launch.split_programs_per_sm() >= 2
     n_chunks = launch.split_chunks(256000, torch.bfloat16, False)
     capacity = launch.split_capacity(None)
-    assert capacity >= launch.MODEL_SMS
+    assert capacity >= 2 * launch.MODEL_SMS
     assert capacity - n_chunks < launch.split_grid(64, n_chunks, None) <= capacity
     # The backward grid is O(#SM) however many rows and classes.
     assert launch.scale_grid(8192, 256000, None)[0] <= 8 * launch.MODEL_SMS
@@ -222,11 +230,11 @@ def test_plan_bytes_and_launches():
 
 # Real vocabularies on the default path choices (interpreter: one or two rows each).
 @pytest.mark.parametrize("n_classes", [
-    16385,  # first width past a single block: 3 members of 8192
+    16385,  # first width past a single block: 5 members of 4096
     32000,
     pytest.param(50257, marks=pytest.mark.slow),
     pytest.param(128256, marks=pytest.mark.slow),
-    pytest.param(256000, marks=pytest.mark.slow),  # 32 members of 8192
+    pytest.param(256000, marks=pytest.mark.slow),  # 63 members of 4096
     pytest.param(262145, marks=pytest.mark.slow),  # past the split path: two-pass
 ])
 def test_llm_vocabularies(n_classes):
