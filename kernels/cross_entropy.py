@@ -471,6 +471,37 @@ def _combine_partials(m_a, s_a, lin_a, v_a, m_b, s_b, lin_b, v_b):
     return m, s, lin, v
 
 
+@triton.jit
+def _publish_partial(slot, flag, m, s, lin, vsum):
+    """Store one member's partial at slot[0:4] and raise its flag (integer atomic,
+    release): every thread's stores precede the flag (barrier; the release is cumulative)."""
+    tl.store(slot, m)
+    tl.store(slot + 1, s)
+    tl.store(slot + 2, lin)
+    tl.store(slot + 3, vsum)
+    tl.debug_barrier()
+    tl.atomic_xchg(flag, 1, sem="release", scope="gpu")
+
+
+@triton.jit
+def _gather_partials(slots, got):
+    """The partials slots[k][0:4] as four vectors over the members k where got, the
+    merge's identity (-inf, 0, 0, 0) elsewhere. L2 only (.cg): partners wrote them from
+    other SMs."""
+    m = tl.load(slots, mask=got, other=-float("inf"), cache_modifier=".cg")
+    s = tl.load(slots + 1, mask=got, other=0.0, cache_modifier=".cg")
+    lin = tl.load(slots + 2, mask=got, other=0.0, cache_modifier=".cg")
+    vsum = tl.load(slots + 3, mask=got, other=0.0, cache_modifier=".cg")
+    return m, s, lin, vsum
+
+
+@triton.jit
+def _set_partial(lane, m, s, lin, vsum, vm, vs, vlin, vv):
+    """The partial vectors (vm, vs, vlin, vv) with (m, s, lin, vsum) put where lane."""
+    return (tl.where(lane, m, vm), tl.where(lane, s, vs), tl.where(lane, lin, vlin),
+            tl.where(lane, vsum, vv))
+
+
 @triton.jit(do_not_specialize=["has_softcap", "write_grad", "ignore_index", "max_spin"])
 def cross_entropy_split_kernel(
     logits_ptr, grad_ptr, target_ptr, weight_ptr, loss_ptr, lse_ptr, reduce_ptr,
@@ -575,16 +606,9 @@ def cross_entropy_split_kernel(
         else:
             v = w
         pm, ps, plin, pv = _chunk_partial(z, my_mask, w, v, PROB_TARGET, HAS_SMOOTHING)
-        slot = partial_ptr + (row64 * n_chunks + member) * 4
-        tl.store(slot, pm)
-        tl.store(slot + 1, ps)
-        tl.store(slot + 2, plin)
-        tl.store(slot + 3, pv)
-        # Every thread's stores precede the flag (the release below is cumulative).
-        tl.debug_barrier()
         row_flags = flags + row64 * n_chunks
-        # Integer atomic, release: publishes this member's partial to its partners.
-        tl.atomic_xchg(row_flags + member, 1, sem="release", scope="gpu")
+        _publish_partial(partial_ptr + (row64 * n_chunks + member) * 4, row_flags + member,
+                         pm, ps, plin, pv)
 
         # Gather the row's partials as vectors over the members: one round trip for all
         # flags (integer atomic reads, add 0, acquire: pairs with each partner's
@@ -598,12 +622,7 @@ def cross_entropy_split_kernel(
             ready = tl.where(kmask, ready, 1)
             spins += 1
         got = kmask & (ready != 0)
-        # L2 only (.cg): the partners wrote them from other SMs.
-        slots = partial_ptr + (row64 * n_chunks + kidx) * 4
-        vm = tl.load(slots, mask=got, other=-float("inf"), cache_modifier=".cg")
-        vs = tl.load(slots + 1, mask=got, other=0.0, cache_modifier=".cg")
-        vlin = tl.load(slots + 2, mask=got, other=0.0, cache_modifier=".cg")
-        vv = tl.load(slots + 3, mask=got, other=0.0, cache_modifier=".cg")
+        vm, vs, vlin, vv = _gather_partials(partial_ptr + (row64 * n_chunks + kidx) * 4, got)
         if tl.min(ready, axis=0) == 0:
             # Fallback: recompute each missing partial from global memory with the
             # partner's own code (same chunk width, same reductions: the same bits).
@@ -620,10 +639,8 @@ def cross_entropy_split_kernel(
                                               PROB_TARGET, "")
                     jm, js, jlin, jv = _chunk_partial(jz, jmask, jw, jvv, PROB_TARGET,
                                                       HAS_SMOOTHING)
-                    vm = tl.where(kidx == j, jm, vm)
-                    vs = tl.where(kidx == j, js, vs)
-                    vlin = tl.where(kidx == j, jlin, vlin)
-                    vv = tl.where(kidx == j, jv, vv)
+                    vm, vs, vlin, vv = _set_partial(kidx == j, jm, js, jlin, jv,
+                                                    vm, vs, vlin, vv)
             # This rare path reads its own chunk again: keeping it live through the
             # recomputation would spill (the offline compile shows it).
             z_raw = tl.load(my_logits + cols * logit_stride_class, mask=my_mask, other=0.0)
