@@ -25,6 +25,7 @@ import struct
 import torch
 
 from . import _alloc
+from ._launch_util import MAX_REGS_PER_THREAD, maxnreg_option
 from ._runtime import FP_FUSION, acc_dtype
 from ._runtime import device_guard as _cuda_guard
 from .kernels import batch_norm as bn_kernels
@@ -473,12 +474,11 @@ def bwd_reduce_register_cap(dtype: torch.dtype) -> dict:
     """maxnreg for the backward reduction (reduction_register_cap). With 16-bit inputs ptxas
     left alone also settles at 80 registers for the hardswish epilogue on sm_90 and
     spills; every tile fits in 128 (the offline report checks it)."""
-    cap = reduction_register_cap(dtype)
-    return {"maxnreg": cap} if cap else {}
+    return maxnreg_option(reduction_register_cap(dtype))
 
 
 def _stats_options(plan: Plan) -> dict:
-    return {"maxnreg": plan.max_registers} if plan.max_registers else {}
+    return maxnreg_option(plan.max_registers)
 
 
 def dx_register_cap(dtype: torch.dtype) -> dict:
@@ -487,7 +487,7 @@ def dx_register_cap(dtype: torch.dtype) -> dict:
     (Triton 3.8 and 3.9); that kernel needs ~180. float64 is the correctness path, so let it
     use up to the hardware's 255 per thread. Other dtypes keep ptxas' choice."""
     if dtype == torch.float64:
-        return {"maxnreg": 255}
+        return maxnreg_option(MAX_REGS_PER_THREAD)
     return {}
 
 

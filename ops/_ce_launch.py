@@ -16,6 +16,7 @@ import triton
 
 from . import _alloc
 from ._launch_record import NO_LAUNCH, Launch, cached_plan, make_launch, watch
+from ._launch_util import maxnreg_option, register_cap, resident_programs
 from ._runtime import FP_FUSION, split_f64
 from .kernels import cross_entropy as ce_kernels
 
@@ -63,9 +64,10 @@ _INT32_LIMIT = 2**31
 SPLIT_CHUNK = {2: 4096, 4: 2048, 8: 512}  # by element size, class-index targets;
 # probability targets keep w y' on chip too: half the chunk.
 SPLIT_NUM_WARPS = 8
+SPLIT_PROGRAMS_PER_SM = 2
 # Passed explicitly (maxnreg): left alone, ptxas sometimes settles below what a program
 # may use and spills (fp32 probabilities on sm_90); 128 keeps two programs per SM.
-SPLIT_MAX_REGISTERS = 128
+SPLIT_MAX_REGISTERS = register_cap(SPLIT_NUM_WARPS, SPLIT_PROGRAMS_PER_SM)
 # Longest row of the split path: 262144 classes (64 x 4096 for 16-bit logits, 128 x 2048
 # for fp32; probabilities 131072 in fp32, fp64 65536, fp64 probabilities 32768: at most
 # MAX_SPLIT_CHUNKS members). Longer rows, or groups the GPU cannot hold at once, take
@@ -133,7 +135,7 @@ def fwd_bwd_max_registers(block_v: int, single_block: bool, is_fp64: bool = Fals
     if not single_block:
         return TWO_PASS_MAX_REGISTERS
     if fwd_bwd_num_warps(block_v, single_block, is_fp64) == 16:
-        return 65536 // (16 * 32)
+        return register_cap(16)
     return None
 
 
@@ -213,12 +215,6 @@ def split_capacity(device: torch.device | None) -> int:
     return sm_count(device) * split_programs_per_sm()
 
 
-# sm_80 / sm_90: threads, registers and resident blocks per SM.
-_THREADS_PER_SM = 2048
-_REGS_PER_SM = 65536
-_BLOCKS_PER_SM = 32
-
-
 def split_programs_per_sm() -> int:
     """Resident split-row programs per SM, from what bounds the compiled kernel: its
     warps, and its registers per thread, which ptxas keeps within SPLIT_MAX_REGISTERS
@@ -226,11 +222,8 @@ def split_programs_per_sm() -> int:
     variants compile at 96-128 registers on sm_80/sm_90, `python -m bench static`).
     Shared memory (a few hundred bytes of reduction scratch) never binds. Derived from
     the compile, not queried per call: no compilation on the hot path."""
-    threads = 32 * SPLIT_NUM_WARPS
-    regs = SPLIT_MAX_REGISTERS or min(255, _REGS_PER_SM // threads)
-    regs_per_warp = -(-regs * 32 // 256) * 256  # allocated per warp in units of 256
-    by_regs = (_REGS_PER_SM // regs_per_warp) // SPLIT_NUM_WARPS
-    return max(0, min(_THREADS_PER_SM // threads, by_regs, _BLOCKS_PER_SM))
+    regs = SPLIT_MAX_REGISTERS or register_cap(SPLIT_NUM_WARPS)
+    return resident_programs(SPLIT_NUM_WARPS, regs)
 
 
 def split_grid(n_rows: int, n_chunks: int, device: torch.device | None) -> int:
@@ -319,8 +312,7 @@ def _split_launch(rows_shape, logit_strides, grad_strides, t_strides, dtype, dev
     # Cooperative: the driver refuses the launch rather than run a grid that is not
     # co-resident (the grid never exceeds split_capacity, so it never refuses).
     extra = {"launch_cooperative_grid": True} if cuda else {}
-    if SPLIT_MAX_REGISTERS:
-        extra["maxnreg"] = SPLIT_MAX_REGISTERS
+    extra.update(maxnreg_option(SPLIT_MAX_REGISTERS))
     launch = make_launch(ce_kernels.cross_entropy_split_kernel, (grid,), _FWD_TENSORS + (
         "partials", "sync"), (
         n_rows, n_classes, n_inner, n_chunks,
@@ -364,8 +356,8 @@ def launch_split(logits3, grad3, target_v, weight, loss_rows, lse_rows, reduce_b
 TWO_PASS_PROGRAMS_PER_SM = 2
 # Register cap of the two-pass kernel, passed explicitly (maxnreg): ptxas' own choice
 # spills a few bytes on some variants (fp32 probabilities on sm_80); 128 keeps two
-# 8-warp programs per SM.
-TWO_PASS_MAX_REGISTERS = 128
+# 8-warp programs (the widest two-pass program) per SM.
+TWO_PASS_MAX_REGISTERS = register_cap(8, TWO_PASS_PROGRAMS_PER_SM)
 
 
 def two_pass_grid(n_rows: int, device: torch.device | None) -> int:
@@ -444,7 +436,7 @@ def plan_fwd_bwd(rows_shape: tuple, logit_strides: tuple, grad_strides: tuple | 
     block_v, single = fused_block_v(n_classes, dtype, prob_target)
     grid = n_rows if single else two_pass_grid(n_rows, device)
     max_registers = fwd_bwd_max_registers(block_v, single, dtype == torch.float64)
-    extra = {} if max_registers is None else {"maxnreg": max_registers}
+    extra = maxnreg_option(max_registers)
     # num_stages=1: the persistent row loop must not be software-pipelined (prefetching
     # the next row doubles the registers a row on chip needs; 16-bit probability rows of
     # 8192 spill at Triton's default 3 stages on sm_90).
