@@ -275,6 +275,16 @@ def lm_head_inputs(case: Case, ctx: Context):
     return make_inputs, leaves, (tokens + vocab) * hidden * 2
 
 
+def lm_head_step(forward: Callable) -> Callable:
+    """The step of ``forward(x, W, t) -> loss`` on lm_head_inputs: forward, then backward."""
+    def step(s):
+        loss = forward(s["x"], s["W"], s["t"])
+        loss.backward()
+        return loss
+
+    return step
+
+
 def add_speedups(records: list[dict]) -> None:
     """For each fusedgrad record: ``speedup[peer] = peer_ms / fused_ms`` within its case."""
     by_case: dict[str, list[dict]] = {}

@@ -40,6 +40,7 @@ from .common import (
     fused_op,
     liger_cross_entropy,
     lm_head_inputs,
+    lm_head_step,
     run_impl,
     run_impls,
     skipped,
@@ -94,18 +95,9 @@ def run_lm_head(case: Case, ctx: Context) -> list[dict]:
     tokens, hidden, vocab = (case.shape[k] for k in ("tokens", "hidden", "vocab"))
     make_inputs, leaves, set_bytes = lm_head_inputs(case, ctx)
 
-    def step_of(forward):
-        """The step of ``forward(x, W, t) -> loss``: forward, then backward."""
-        def step(s):
-            loss = forward(s["x"], s["W"], s["t"])
-            loss.backward()
-            return loss
-
-        return step
-
     def head_step(loss_fn):
         """The step of ``loss_fn(logits, t)`` on the eager head's logits x @ W^T."""
-        return step_of(lambda x, w, t: loss_fn(x @ w.t(), t))
+        return lm_head_step(lambda x, w, t: loss_fn(x @ w.t(), t))
 
     def fused(inplace):
         if fg_ce is None:
@@ -115,6 +107,9 @@ def run_lm_head(case: Case, ctx: Context) -> list[dict]:
     def torch_loss(logits, t):
         return F.cross_entropy(logits, t)
 
+    def torch_forward(x, w, t):
+        return torch_loss(x @ w.t(), t)
+
     fg_ce, fg_reason = fused_op("cross_entropy")
     liger_ce, liger_reason = liger_cross_entropy()
     table = {
@@ -122,8 +117,7 @@ def run_lm_head(case: Case, ctx: Context) -> list[dict]:
         FUSED_INPLACE: lambda: fused(True),
         TORCH: (head_step(torch_loss), ""),
         # The whole step's forward (matmul + loss) compiled, as a user would.
-        COMPILE: lambda: (step_of(compiled(lambda x, w, t: F.cross_entropy(x @ w.t(), t))),
-                          ""),
+        COMPILE: lambda: (lm_head_step(compiled(torch_forward)), ""),
         LIGER: (head_step(liger_ce) if liger_ce is not None else None, liger_reason),
     }
     flops = 3 * 2 * tokens * hidden * vocab
@@ -146,13 +140,10 @@ def resnet_block(channels: int):
                          conv(), nn.BatchNorm2d(channels), nn.ReLU(inplace=True))
 
 
-def run_resnet_block(case: Case, ctx: Context) -> list[dict]:
+def block_inputs(ctx: Context, n: int, c: int, h: int, w: int):
+    """(make_inputs, set_bytes) of a convolution block's step: a bf16 channels_last input
+    ``x`` and the output's gradient ``dy``, both (n, c, h, w)."""
     import torch
-
-    n, c, h, w = (case.shape[k] for k in "NCHW")
-    torch.manual_seed(0)
-    base = resnet_block(c).to(ctx.device).to(memory_format=torch.channels_last)
-    set_bytes = 2 * n * c * h * w * 2  # x and dy, bf16
 
     def make_inputs():
         def act():
@@ -160,6 +151,17 @@ def run_resnet_block(case: Case, ctx: Context) -> list[dict]:
                 memory_format=torch.channels_last)
 
         return {"x": act(), "dy": act()}
+
+    return make_inputs, 2 * n * c * h * w * 2
+
+
+def run_resnet_block(case: Case, ctx: Context) -> list[dict]:
+    import torch
+
+    n, c, h, w = (case.shape[k] for k in "NCHW")
+    torch.manual_seed(0)
+    base = resnet_block(c).to(ctx.device).to(memory_format=torch.channels_last)
+    make_inputs, set_bytes = block_inputs(ctx, n, c, h, w)
 
     def step_of(model):
         params = list(model.parameters())
@@ -256,14 +258,7 @@ def run_bottleneck(case: Case, ctx: Context) -> list[dict]:
     import torch
 
     n, c, mid, h, w = (case.shape[k] for k in ("N", "C", "mid", "H", "W"))
-    set_bytes = 2 * n * c * h * w * 2  # x and dy, bf16
-
-    def make_inputs():
-        def act():
-            return torch.randn(n, c, h, w, device=ctx.device, dtype=torch.bfloat16).to(
-                memory_format=torch.channels_last)
-
-        return {"x": act(), "dy": act()}
+    make_inputs, set_bytes = block_inputs(ctx, n, c, h, w)
 
     def loss_of(out, s):
         return (out * s["dy"]).sum()  # backward seeds dy, as y.backward(dy) would

@@ -39,6 +39,7 @@ from .common import (
     compiled,
     fused_op,
     lm_head_inputs,
+    lm_head_step,
     run_impl,
     run_impls,
     skipped,
@@ -119,14 +120,6 @@ def run_case(case: Case, ctx: Context) -> list[dict]:
     tokens, hidden, vocab = (case.shape[k] for k in ("tokens", "hidden", "vocab"))
     make_inputs, leaves, set_bytes = lm_head_inputs(case, ctx)
 
-    def step_of(loss_fn):
-        def step(s):
-            loss = loss_fn(s["x"], s["W"], s["t"])
-            loss.backward()
-            return loss
-
-        return step
-
     def eager(x, w, t):
         return F.cross_entropy(x @ w.t(), t)
 
@@ -141,7 +134,7 @@ def run_case(case: Case, ctx: Context) -> list[dict]:
     flops = 3 * 2 * tokens * hidden * vocab
 
     def measure(impl, fn):
-        return with_tflops(run_impl(case, ctx, impl, make_inputs, step_of(fn),
+        return with_tflops(run_impl(case, ctx, impl, make_inputs, lm_head_step(fn),
                                     set_bytes=set_bytes, min_bytes=0,
                                     bytes_model="none (matmul-bound)", leaves=leaves), flops)
 
