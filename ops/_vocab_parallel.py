@@ -36,9 +36,10 @@ from ._runtime import acc_dtype, device_guard, host_reads_free
 
 
 def _forward(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
-             grad, group, loss_dtype):
+             grad, group, loss_dtype=None):
     prob = target.is_floating_point()
     acc = acc_dtype(input.dtype)
+    loss_dtype = loss_dtype or input.dtype  # (linear + CE calls this per chunk without it)
     device = input.device
     logits3 = launch.rows_view(input, class_dim=True)
     n_outer, n_inner, n_local = logits3.shape
