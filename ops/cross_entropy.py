@@ -81,6 +81,10 @@ class _Plan:
     fwd_nograd: launch.FwdBwdLaunches       # no gradient written
     fwd_grad: launch.FwdBwdLaunches         # gradient into a buffer with grad_stride
     finish: object                          # final reduction (None: reduction="none")
+    # Empty tensors on the device whose new_empty / empty_like allocate the per-call buffers:
+    # half the host time of torch.empty with dtype and device keywords.
+    acc_like: Tensor                        # (0,) in the accumulation dtype
+    loss_like: Tensor                       # () in the logits' dtype
 
 
 @cached_plan
@@ -143,6 +147,8 @@ def _plan(in_shape, in_stride, in_dtype, device, t_shape, t_stride, t_dtype, wei
             rows_shape, rows_stride, launch.rows_view(grad, class_dim=True).stride(),
             **fwd_args),
         finish=prep.plan_finish(n_rows) if reduction != "none" else None,
+        acc_like=torch.empty(0, dtype=acc, device=device),
+        loss_like=torch.empty((), dtype=in_dtype, device=device),
     )
 
 
@@ -221,7 +227,7 @@ def _launch_forward(plan, launches, input, target, weight, grad, divisor, diviso
     if host_check:
         reduce_buf = torch.zeros(prep.REDUCE_SLOTS, dtype=acc, device=device)
     else:
-        reduce_buf = _alloc.empty(prep.REDUCE_SLOTS, dtype=acc, device=device)
+        reduce_buf = _alloc.new_empty(plan.acc_like, prep.REDUCE_SLOTS)
     prep_launch = plan.prep
     if divisor_value is not None:  # a host number: its own scalar arguments
         hi, lo = split_f64(divisor_value)
@@ -234,18 +240,21 @@ def _launch_forward(plan, launches, input, target, weight, grad, divisor, diviso
             f"[0, {plan.n_classes}) that are not ignore_index={plan.ignore_index}")
     if plan.target_to_int64:
         target = target.to(torch.int64)
-    loss_rows = _alloc.empty(plan.n_rows, dtype=acc, device=device)
+    loss_rows = _alloc.new_empty(plan.acc_like, plan.n_rows)
     if lse_out is None:
         lse_rows = _lse_sink(device, acc, plan.n_rows)
     else:  # the target-gradient path keeps the per-row lse
-        lse_rows = _alloc.empty(plan.n_rows, dtype=acc, device=device)
+        lse_rows = _alloc.new_empty(plan.acc_like, plan.n_rows)
         lse_out.append(lse_rows)
     launches.run(input, grad if grad is not None else input, target,
                  weight if weight is not None else reduce_buf, loss_rows, lse_rows, reduce_buf)
     loss_dtype = loss_dtype or input.dtype  # float32 under autocast (_ce_target_grad)
     if plan.finish is None:  # reduction="none"
         return loss_rows.view(plan.loss_shape).to(loss_dtype)
-    out = _alloc.empty((), dtype=loss_dtype, device=device)
+    if loss_dtype == plan.loss_like.dtype:
+        out = _alloc.empty_like(plan.loss_like)
+    else:
+        out = _alloc.empty((), dtype=loss_dtype, device=device)
     plan.finish(loss_rows, reduce_buf, out)
     return out
 
