@@ -41,6 +41,18 @@ increasing p and resets the counter for the next launch. The result depends only
 count, never on scheduling: deterministic, no float atomics. (Triton's interpreter runs
 programs in order, so there the last program is always the one that merges.)
 
+*Flat* tiles (constexpr FLAT_C = C > 0; the launcher picks them for C <= 8 when channels
+are innermost and positions step by exactly C, so each sample's positions x channels are one
+contiguous run): a tile covers positions [s0, s0 + BLOCK_S) of one n, i.e. the C * BLOCK_S
+elements from n * stride_n + s0 * C, held in [BLOCK_C = next_pow2(C), BLOCK_S] lanes where
+lane (j, i) holds flat element f = j * BLOCK_S + i (lanes with f >= C * BLOCK_S, the padded
+rows, are masked whole). Contiguous along i, every load and store is a 16-byte vector, and
+lane (j, i)'s channel f % C is the same in every tile (tiles start at multiples of C). The
+reductions keep per-lane accumulators exactly as the channel-inner tiles do and merge them
+per channel once (a static loop over the C channels); the elementwise passes build each
+lane's per-channel constants once per program by a static select over the C channels.
+Tiling, grids, splits and merges are otherwise the same (one channel block).
+
 Elementwise passes can visit tiles in reverse program order (``reverse``): the reduction
 before them ended with the highest channel blocks and tiles, which are then still in L2.
 
@@ -352,7 +364,8 @@ def bn_stats_kernel(
     grid: (n_splits * cdiv(C, BLOCK_C),), program = channel block * n_splits + split (1-D: no
     65535 limit on either count). tiles_per_n = cdiv(S, BLOCK_S); n_tiles = N * tiles_per_n;
     tiles_per_split: tiles each split reduces (the last split may get fewer). BLOCK_P: parts
-    per merge step.
+    per merge step. FLAT_C: 0 (tiles [BLOCK_C channels, BLOCK_S positions]) or C (flat
+    tiles, see the module docstring; stride_c = 1, stride_s = C, BLOCK_C = next_pow2(C)).
     Numerics: values are shifted by the channel's first element (every program reads the same
     one), so data with a large mean (100 + 0.01 * randn) accumulates small numbers; each lane
     runs Welford's update over its own values (no cross-lane reduction, hence no barrier,
@@ -453,7 +466,7 @@ def bn_apply_kernel(
     weight_ptr, bias_ptr: [C] acc, read only if has_weight / has_bias.
     ACTIVATION: one of the ACT_* codes; slope_hi + slope_lo: leaky_relu's negative slope.
     grid: (n_tiles * cdiv(C, BLOCK_C),), program = channel block * n_tiles + tile (counted
-    from the end if reverse); n_tiles = N * tiles_per_n.
+    from the end if reverse); n_tiles = N * tiles_per_n. FLAT_C: as bn_stats_kernel.
     Bytes per element: read x + write y = 2 * elem_size, + elem_size with a residual.
     """
     c, t = _elementwise_tile(n_tiles, reverse, BLOCK_C)
@@ -528,7 +541,7 @@ def bn_bwd_reduce_kernel(
     sums_ptr: [2, C] acc: sum g then sum g * x_hat (the dx kernel's input; what
         SyncBatchNorm all-reduces). If write_grads: grad_bias = sum g and grad_weight =
         sum g * x_hat ([C] acc each).
-    Tiling and grid as bn_stats_kernel. Accumulates per lane and reduces the tile axis once
+    Tiling, grid and FLAT_C as bn_stats_kernel. Accumulates per lane and reduces the tile axis once
     at the end; invstd is applied once per channel.
     Bytes per element: read x + read dy = 2 * elem_size (+ the residual with an activation).
     """
@@ -650,7 +663,8 @@ def bn_bwd_dx_kernel(
     m: `count` (an integer: exact, unlike a Python float, which compiled Triton passes as
     fp32), or count_ptr [C] acc if count_from_ptr (a global count that only exists on the
     device, SyncBatchNorm).
-    grid: as bn_apply_kernel (reverse: tiles from the end, where the reduction ended).
+    grid and FLAT_C: as bn_apply_kernel (reverse: tiles from the end, where the reduction
+    ended).
     Bytes per element: training: read x + read dy + write dx = 3 * elem_size; eval: 2 (3 with
     an activation); + read residual with an activation, + write d(residual) with a residual.
     """
