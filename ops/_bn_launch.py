@@ -25,7 +25,7 @@ import struct
 import torch
 
 from . import _alloc
-from ._launch_util import MAX_REGS_PER_THREAD, maxnreg_option
+from ._launch_util import MAX_REGS_PER_THREAD, maxnreg_option, resident_programs
 from ._runtime import FP_FUSION, acc_dtype
 from ._runtime import device_guard as _cuda_guard
 from .kernels import batch_norm as bn_kernels
@@ -91,24 +91,19 @@ MAX_SPLITS = 512
 # tests/test_bn_flat_tiles.py pins the arithmetic.
 REDUCTION_REGISTERS = 128
 REDUCTION_SHARED_BYTES = 8192
-# Per-SM limits of sm_80 / sm_90 (the smaller where they differ: sm_80's 164 KB of shared
-# memory); registers are allocated per warp in units of 256.
-SM_REGISTERS = 65536
-SM_REGISTER_UNIT = 256
-SM_THREADS = 2048
-SM_BLOCKS = 32
+# Shared memory per SM on sm_80 (sm_90 has more): the one limit ops/_launch_util.py leaves
+# to the caller.
 SM_SHARED_BYTES = 164 * 1024
 
 
 def programs_per_sm(registers: int, num_warps: int, shared_bytes: int = 0) -> int:
     """Programs of ``num_warps`` warps, ``registers`` per thread and ``shared_bytes`` of
-    shared memory each that one SM holds at once (at least 1)."""
-    regs_per_warp = -(-registers * 32 // SM_REGISTER_UNIT) * SM_REGISTER_UNIT
-    fits = [(SM_REGISTERS // regs_per_warp) // num_warps, SM_THREADS // (32 * num_warps),
-            SM_BLOCKS]
+    shared memory each that one SM holds at once (at least 1): registers, threads and
+    blocks as _launch_util.resident_programs counts them, and shared memory."""
+    fits = resident_programs(num_warps, registers)
     if shared_bytes:
-        fits.append(SM_SHARED_BYTES // shared_bytes)
-    return max(1, min(fits))
+        fits = min(fits, SM_SHARED_BYTES // shared_bytes)
+    return max(1, fits)
 
 
 PROGRAMS_PER_SM = programs_per_sm(REDUCTION_REGISTERS, NUM_WARPS, REDUCTION_SHARED_BYTES)
