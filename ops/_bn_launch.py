@@ -486,6 +486,13 @@ def dx_register_cap(dtype: torch.dtype) -> dict:
     return {}
 
 
+def apply_register_cap(plan: Plan) -> dict:
+    """maxnreg for the forward epilogue on flat tiles. Left alone, ptxas (Triton 3.9, sm_80)
+    settles at 48 registers for fp32 with C = 7 and spills 8-16 B; capped at 128 it takes
+    what it needs, spill-free (python -m bench static). Other tiles keep ptxas' choice."""
+    return maxnreg_option(REDUCTION_REGISTERS if plan.flat_c else None)
+
+
 def _meta(plan: Plan) -> dict:
     return dict(BLOCK_C=plan.block_c, BLOCK_S=plan.block_s, FLAT_C=plan.flat_c,
                 num_warps=NUM_WARPS, num_stages=NUM_STAGES, enable_fp_fusion=FP_FUSION)
@@ -551,7 +558,7 @@ def apply_launch(plan: Plan, scale_is_var: bool, has_weight: bool, has_bias: boo
         *host_pair(float(eps)), *host_pair(float(slope))),
         scale_is_var=int(scale_is_var), has_weight=int(has_weight), has_bias=int(has_bias),
         has_residual=int(has_residual), reverse=int(reverse),
-        ACTIVATION=ACTIVATION_CODES[activation], **_meta(plan))
+        ACTIVATION=ACTIVATION_CODES[activation], **_meta(plan), **apply_register_cap(plan))
 
 
 @_launch_cache
