@@ -514,9 +514,18 @@ def cross_entropy_split_kernel(
     has_softcap, write_grad, max_spin,
     PROB_TARGET: tl.constexpr, IS_FP64: tl.constexpr, HAS_WEIGHT: tl.constexpr,
     HAS_SMOOTHING: tl.constexpr, CHUNK: tl.constexpr, MAX_CHUNKS: tl.constexpr,
+    SOLO: tl.constexpr = False,
 ):
     """Loss and gradient with each row split over n_chunks co-resident programs: one read
     and one write per logit for rows far longer than one program can hold.
+
+    SOLO (the two-pass path for rows this kernel covers, where no group of n_chunks
+    programs can be co-resident): program p handles whole rows p, p + G, ... alone. It
+    computes every chunk's partial from global memory with the code a member runs for a
+    missing partner, merges them in the same tree, then re-reads the row (last chunk
+    first: what L2 still holds) to write the gradient with the members' code. Two reads
+    and one write per logit, no partials or flags touched, and bitwise the split path's
+    results (same chunks, same reductions, same merge).
 
     Grid: (n_groups * n_chunks,), at most what the GPU holds at once (the launcher sizes
     it from the compiled kernel's occupancy and launches it cooperatively where it can).
@@ -555,9 +564,14 @@ def cross_entropy_split_kernel(
     read of y). Per row: n_chunks^2 partials of 4 values (L2-resident) and 2 scalars.
     """
     pid = tl.program_id(0)
-    member = pid % n_chunks
-    group = pid // n_chunks
-    n_groups = tl.num_programs(0) // n_chunks
+    if SOLO:
+        member = 0
+        group = pid
+        n_groups = tl.num_programs(0)
+    else:
+        member = pid % n_chunks
+        group = pid // n_chunks
+        n_groups = tl.num_programs(0) // n_chunks
     if IS_FP64:
         acc_ty = tl.float64
     else:
@@ -592,37 +606,45 @@ def cross_entropy_split_kernel(
         my_logits = row_logits + start64 * logit_stride_class
         my_grad = row_grad + start64 * grad_stride_class
         my_target = row_target + start64 * target_stride_class
-        # The one read of this member's chunk; z (and v = w y' for probabilities) stay
-        # in registers until the gradient is written.
-        # Kept as loaded (16-bit logits stay packed, two per register) and upcast
-        # (and soft-capped) again for the gradient: registers are the occupancy limit.
-        z_raw = tl.load(my_logits + cols * logit_stride_class, mask=my_mask, other=0.0)
-        z = _upcast_logits(z_raw, my_mask, softcap, has_softcap, IS_FP64)
-        w = _load_weights(my_weights, cols, my_mask, has_weight, IS_FP64)
-        if PROB_TARGET:
-            y = _load_target_probs(my_target, cols, my_mask, target_stride_class, keep, add,
-                                   IS_FP64)
-            v = w * y
+        if SOLO:
+            # Nothing published, nothing to wait for: every partial is computed below.
+            ready = tl.where(kmask, 0, 1)
+            vm = tl.full([MAX_CHUNKS], -float("inf"), acc_ty)
+            vs = tl.zeros([MAX_CHUNKS], acc_ty)
+            vlin = tl.zeros([MAX_CHUNKS], acc_ty)
+            vv = tl.zeros([MAX_CHUNKS], acc_ty)
         else:
-            v = w
-        pm, ps, plin, pv = _chunk_partial(z, my_mask, w, v, PROB_TARGET, HAS_SMOOTHING)
-        row_flags = flags + row64 * n_chunks
-        _publish_partial(partial_ptr + (row64 * n_chunks + member) * 4, row_flags + member,
-                         pm, ps, plin, pv)
+            # The one read of this member's chunk; z (and v = w y' for probabilities) stay
+            # in registers until the gradient is written.
+            # Kept as loaded (16-bit logits stay packed, two per register) and upcast
+            # (and soft-capped) again for the gradient: registers are the occupancy limit.
+            z_raw = tl.load(my_logits + cols * logit_stride_class, mask=my_mask, other=0.0)
+            z = _upcast_logits(z_raw, my_mask, softcap, has_softcap, IS_FP64)
+            w = _load_weights(my_weights, cols, my_mask, has_weight, IS_FP64)
+            if PROB_TARGET:
+                y = _load_target_probs(my_target, cols, my_mask, target_stride_class, keep, add,
+                                       IS_FP64)
+                v = w * y
+            else:
+                v = w
+            pm, ps, plin, pv = _chunk_partial(z, my_mask, w, v, PROB_TARGET, HAS_SMOOTHING)
+            row_flags = flags + row64 * n_chunks
+            _publish_partial(partial_ptr + (row64 * n_chunks + member) * 4, row_flags + member,
+                             pm, ps, plin, pv)
 
-        # Gather the row's partials as vectors over the members: one round trip for all
-        # flags (integer atomic reads, add 0, acquire: pairs with each partner's
-        # release), a bounded spin while some are missing, one vector load.
-        flag_ptrs = row_flags + kidx
-        ready = tl.atomic_add(flag_ptrs, 0, mask=kmask, sem="acquire", scope="gpu")
-        ready = tl.where(kmask, ready, 1)
-        spins = 0
-        while (tl.min(ready, axis=0) == 0) & (spins < max_spin):
+            # Gather the row's partials as vectors over the members: one round trip for all
+            # flags (integer atomic reads, add 0, acquire: pairs with each partner's
+            # release), a bounded spin while some are missing, one vector load.
+            flag_ptrs = row_flags + kidx
             ready = tl.atomic_add(flag_ptrs, 0, mask=kmask, sem="acquire", scope="gpu")
             ready = tl.where(kmask, ready, 1)
-            spins += 1
-        got = kmask & (ready != 0)
-        vm, vs, vlin, vv = _gather_partials(partial_ptr + (row64 * n_chunks + kidx) * 4, got)
+            spins = 0
+            while (tl.min(ready, axis=0) == 0) & (spins < max_spin):
+                ready = tl.atomic_add(flag_ptrs, 0, mask=kmask, sem="acquire", scope="gpu")
+                ready = tl.where(kmask, ready, 1)
+                spins += 1
+            got = kmask & (ready != 0)
+            vm, vs, vlin, vv = _gather_partials(partial_ptr + (row64 * n_chunks + kidx) * 4, got)
         if tl.min(ready, axis=0) == 0:
             # Fallback: recompute each missing partial from global memory with the
             # partner's own code (same chunk width, same reductions: the same bits).
@@ -641,21 +663,24 @@ def cross_entropy_split_kernel(
                                                       HAS_SMOOTHING)
                     vm, vs, vlin, vv = _set_partial(kidx == j, jm, js, jlin, jv,
                                                     vm, vs, vlin, vv)
-            # This rare path reads its own chunk again: keeping it live through the
-            # recomputation would spill (the offline compile shows it).
-            z_raw = tl.load(my_logits + cols * logit_stride_class, mask=my_mask, other=0.0)
-            if PROB_TARGET:
-                w = _load_weights(my_weights, cols, my_mask, has_weight, IS_FP64)
-                v = w * _load_target_probs(my_target, cols, my_mask, target_stride_class,
-                                           keep, add, IS_FP64)
-        # Integer atomic: counts the members done with this row's flags and partials;
-        # the last one resets them for the next launch (no memset launch).
-        n_done = tl.atomic_add(done + row, 1, sem="acq_rel", scope="gpu")
-        if n_done == n_chunks - 1:
-            # Integer atomics: clear the flags (nobody reads them any more in this
-            # launch) and re-arm the counter.
-            tl.atomic_xchg(flag_ptrs, 0, mask=kmask, sem="relaxed", scope="gpu")
-            tl.atomic_xchg(done + row, 0, sem="relaxed", scope="gpu")
+            if not SOLO:
+                # This rare path reads its own chunk again: keeping it live through the
+                # recomputation would spill (the offline compile shows it).
+                z_raw = tl.load(my_logits + cols * logit_stride_class, mask=my_mask,
+                                other=0.0)
+                if PROB_TARGET:
+                    w = _load_weights(my_weights, cols, my_mask, has_weight, IS_FP64)
+                    v = w * _load_target_probs(my_target, cols, my_mask, target_stride_class,
+                                               keep, add, IS_FP64)
+        if not SOLO:
+            # Integer atomic: counts the members done with this row's flags and partials;
+            # the last one resets them for the next launch (no memset launch).
+            n_done = tl.atomic_add(done + row, 1, sem="acq_rel", scope="gpu")
+            if n_done == n_chunks - 1:
+                # Integer atomics: clear the flags (nobody reads them any more in this
+                # launch) and re-arm the counter.
+                tl.atomic_xchg(flag_ptrs, 0, mask=kmask, sem="relaxed", scope="gpu")
+                tl.atomic_xchg(done + row, 0, sem="relaxed", scope="gpu")
         # Merge in a fixed tree over the member index: every member of the row (and
         # every rerun) combines the same values in the same order.
         m, s, lin, vsum = tl.reduce((vm, vs, vlin, vv), 0, _combine_partials)
@@ -695,15 +720,38 @@ def cross_entropy_split_kernel(
             scale = tl.load(reduce_ptr).to(acc_ty)
             if not PROB_TARGET:
                 scale = tl.where(ignored, 0.0, tl.where(in_range, scale, float("nan")))
-            if HAS_WEIGHT:
-                # Reloaded (L2) rather than kept live: registers go to the chunk.
-                w = _load_weights(my_weights, cols, my_mask, has_weight, IS_FP64)
-            z = _upcast_logits(z_raw, my_mask, softcap, has_softcap, IS_FP64)
-            # (the target's column relative to this chunk: cols are chunk-local)
-            g = _grad_chunk(z, my_mask, cols, m, log_s, coef_a, coef_t, coef_smooth,
-                            target_col - start64, w, v, scale, softcap, has_softcap,
-                            PROB_TARGET)
-            tl.store(my_grad + cols * grad_stride_class, g.to(out_ty), mask=my_mask)
+            if SOLO:
+                # Second pass, last chunk first, each chunk as its member writes it.
+                for jj in range(0, n_chunks):
+                    j_start = (n_chunks - 1 - jj) * CHUNK
+                    j64 = tl.cast(j_start, tl.int64)
+                    jmask = cols < n_classes - j_start
+                    jz_raw = tl.load(row_logits + j64 * logit_stride_class
+                                     + cols * logit_stride_class, mask=jmask, other=0.0,
+                                     eviction_policy="evict_first")
+                    jw = _load_weights(weight_ptr + j_start, cols, jmask, has_weight, IS_FP64)
+                    if PROB_TARGET:
+                        jv = jw * _load_target_probs(row_target + j64 * target_stride_class,
+                                                     cols, jmask, target_stride_class, keep,
+                                                     add, IS_FP64)
+                    else:
+                        jv = jw
+                    jz = _upcast_logits(jz_raw, jmask, softcap, has_softcap, IS_FP64)
+                    g = _grad_chunk(jz, jmask, cols, m, log_s, coef_a, coef_t, coef_smooth,
+                                    target_col - j64, jw, jv, scale, softcap, has_softcap,
+                                    PROB_TARGET)
+                    tl.store(row_grad + j64 * grad_stride_class + cols * grad_stride_class,
+                             g.to(out_ty), mask=jmask)
+            else:
+                if HAS_WEIGHT:
+                    # Reloaded (L2) rather than kept live: registers go to the chunk.
+                    w = _load_weights(my_weights, cols, my_mask, has_weight, IS_FP64)
+                z = _upcast_logits(z_raw, my_mask, softcap, has_softcap, IS_FP64)
+                # (the target's column relative to this chunk: cols are chunk-local)
+                g = _grad_chunk(z, my_mask, cols, m, log_s, coef_a, coef_t, coef_smooth,
+                                target_col - start64, w, v, scale, softcap, has_softcap,
+                                PROB_TARGET)
+                tl.store(my_grad + cols * grad_stride_class, g.to(out_ty), mask=my_mask)
 
 
 @triton.jit

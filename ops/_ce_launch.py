@@ -249,12 +249,32 @@ def choose_path(n_rows: int, n_classes: int, dtype: torch.dtype, prob_target: bo
         return FORCE_PATH
     if fused_block_v(n_classes, dtype, prob_target)[1]:
         return "single"
-    n_chunks = split_chunks(n_classes, dtype, prob_target)
-    if n_chunks <= split_max_chunks(dtype, prob_target) \
-            and split_chunk(dtype, prob_target) * class_stride < _INT32_LIMIT \
-            and split_grid(n_rows, n_chunks, device) > 0:
+    if split_covers(n_classes, dtype, prob_target, class_stride) \
+            and split_grid(n_rows, split_chunks(n_classes, dtype, prob_target), device) > 0:
         return "split"
     return "two_pass"
+
+
+# The two-pass path runs the split kernel's SOLO variant where that kernel covers the row
+# (bitwise the split path's results); False: always the streaming fused kernel (tests and
+# benchmarks compare the two).
+TWO_PASS_SOLO = True
+
+
+def split_covers(n_classes: int, dtype: torch.dtype, prob_target: bool,
+                 class_stride: int = 1) -> bool:
+    """Whether the split-row kernel's code handles such rows: at most MAX_CHUNKS members
+    and in-chunk offsets below 2^31. Then the two-pass path runs that kernel's SOLO
+    variant (one program per row, the same chunks and merge tree), so the split and
+    two-pass results are bitwise the same; longer rows stream through the fused kernel."""
+    return (split_chunks(n_classes, dtype, prob_target) <= split_max_chunks(dtype, prob_target)
+            and split_chunk(dtype, prob_target) * class_stride < _INT32_LIMIT)
+
+
+def solo_grid(n_rows: int, device: torch.device | None) -> int:
+    """Programs of the split kernel's SOLO variant: persistent, at most what the device
+    holds at once (so a row's lines are still in L2 for the second pass)."""
+    return min(n_rows, split_capacity(device))
 
 
 _SYNC_BUFFERS: dict = {}
@@ -294,14 +314,15 @@ _FWD_TENSORS = ("logits", "grad", "target", "weight", "loss_rows", "lse_rows", "
 
 def _split_launch(rows_shape, logit_strides, grad_strides, t_strides, dtype, device, *,
                   prob_target, has_weight, write_grad, scalars, label_smoothing,
-                  softcap) -> tuple[Launch, int]:
+                  softcap, solo: bool = False) -> tuple[Launch, int]:
     """(launch, n_chunks) of the split-row kernel; its tensors: logits, grad, target,
-    weight (or any acc buffer), loss_rows, lse_rows, reduce_buf, partials, sync."""
+    weight (or any acc buffer), loss_rows, lse_rows, reduce_buf, partials, sync (with
+    solo, the SOLO variant: partials and sync are never touched, any buffers will do)."""
     n_outer, n_inner, n_classes = rows_shape
     n_rows = n_outer * n_inner
     chunk = split_chunk(dtype, prob_target)
     n_chunks = triton.cdiv(n_classes, chunk)
-    grid = split_grid(n_rows, n_chunks, device)
+    grid = solo_grid(n_rows, device) if solo else split_grid(n_rows, n_chunks, device)
     max_chunks = split_max_chunks(dtype, prob_target)
     if grid == 0 or n_chunks > max_chunks:
         raise RuntimeError(f"split-row path: {n_chunks} programs per row do not fit")
@@ -310,8 +331,11 @@ def _split_launch(rows_shape, logit_strides, grad_strides, t_strides, dtype, dev
         raise RuntimeError("split-row path: in-chunk offsets would pass 2^31")
     cuda = device.type == "cuda"
     # Cooperative: the driver refuses the launch rather than run a grid that is not
-    # co-resident (the grid never exceeds split_capacity, so it never refuses).
-    extra = {"launch_cooperative_grid": True} if cuda else {}
+    # co-resident (the grid never exceeds split_capacity, so it never refuses). The SOLO
+    # variant's programs never wait for each other.
+    extra = {"launch_cooperative_grid": True} if cuda and not solo else {}
+    if solo:
+        extra["SOLO"] = True
     extra.update(maxnreg_option(SPLIT_MAX_REGISTERS))
     launch = make_launch(ce_kernels.cross_entropy_split_kernel, (grid,), _FWD_TENSORS + (
         "partials", "sync"), (
@@ -433,6 +457,15 @@ def plan_fwd_bwd(rows_shape: tuple, logit_strides: tuple, grad_strides: tuple | 
                                 torch.float64 if dtype == torch.float64 else torch.float32,
                                 device, n_rows * (n_chunks + 1))
         return FwdBwdLaunches(path, rows_shape, grad_strides, dtype, device, run, scale)
+    if path == "two_pass" and TWO_PASS_SOLO \
+            and split_covers(n_classes, dtype, prob_target, class_stride):
+        forward, _ = _split_launch(
+            rows_shape, logit_strides, grad_strides, t_strides, dtype, device,
+            prob_target=prob_target, has_weight=has_weight, write_grad=write_grad,
+            scalars=scalars, label_smoothing=label_smoothing, softcap=softcap, solo=True)
+        # (partials and flags: the lse rows stand in, never read or written by SOLO)
+        run = functools.partial(_run_solo, forward)
+        return FwdBwdLaunches(path, rows_shape, grad_strides, dtype, device, run, scale)
     block_v, single = fused_block_v(n_classes, dtype, prob_target)
     grid = n_rows if single else two_pass_grid(n_rows, device)
     max_registers = fwd_bwd_max_registers(block_v, single, dtype == torch.float64)
@@ -459,6 +492,11 @@ def _run_split(forward: Launch, partials_shape: tuple, acc: torch.dtype, device:
     n_chunks, 4) and the reused zeroed flags."""
     partials = _alloc.empty(partials_shape, dtype=acc, device=device)
     forward(*tensors, partials, split_sync_buffer(device, sync_numel))
+
+
+def _run_solo(forward: Launch, *tensors) -> None:
+    """FwdBwdLaunches.run of the split kernel's SOLO variant: no partials, no flags."""
+    forward(*tensors, tensors[5], tensors[5])
 
 
 def launch_fwd_bwd(logits3, grad3, target_v, weight, loss_rows, lse_rows, reduce_buf, *,
@@ -649,6 +687,13 @@ def plan_cross_entropy(n_rows: int, n_classes: int, dtype: torch.dtype, *,
         # Published partials: n_chunks x 4 values per row written (L2-resident).
         per_row += n_chunks * 4 * acc_size
         logit_passes = 1
+    elif path == "two_pass" and TWO_PASS_SOLO and split_covers(n_classes, dtype, prob_target):
+        kernels.append(("cross_entropy_split_kernel", (solo_grid(n_rows, device),), {
+            "CHUNK": split_chunk(dtype, prob_target),
+            "MAX_CHUNKS": split_max_chunks(dtype, prob_target),
+            "HAS_WEIGHT": has_weight, "HAS_SMOOTHING": smoothing and not prob_target,
+            "PROB_TARGET": prob_target, "num_warps": SPLIT_NUM_WARPS, "SOLO": True}))
+        logit_passes = 1 if not write_grad else 2
     else:
         block_v, single = fused_block_v(n_classes, dtype, prob_target)
         grid = n_rows if single else two_pass_grid(n_rows, device)

@@ -24,7 +24,12 @@ SLACK = 1.25
 
 
 def force_path(monkeypatch, path: str) -> None:
-    """Route every long row through one launcher path, with several chunks per row."""
+    """Route every long row through one launcher path, with several chunks per row
+    ("two_pass_stream": the streaming fused kernel instead of the split kernel's SOLO
+    variant)."""
+    if path == "two_pass_stream":
+        monkeypatch.setattr(launch, "TWO_PASS_SOLO", False)
+        path = "two_pass"
     monkeypatch.setattr(launch, "FORCE_PATH", path)
     monkeypatch.setattr(launch, "LOOP_BLOCK_V", {k: 1024 for k in launch.LOOP_BLOCK_V})
     monkeypatch.setattr(launch, "SPLIT_CHUNK", {k: 1024 for k in launch.SPLIT_CHUNK})
@@ -50,7 +55,7 @@ def errors(fn, z, t, **kw):
 
 
 # 3000 classes: single block by default, three chunks when a streaming path is forced.
-@pytest.mark.parametrize("path", ["single", "split", "two_pass"])
+@pytest.mark.parametrize("path", ["single", "split", "two_pass", "two_pass_stream"])
 @pytest.mark.parametrize("base", [30.0, 0.0])  # large logits (no soft-cap); small logits
 @pytest.mark.parametrize("kw", [{}, {"label_smoothing": 0.1}], ids=["plain", "smoothing"])
 def test_confident_rows_as_accurate_as_torch(monkeypatch, path, base, kw):
@@ -62,7 +67,7 @@ def test_confident_rows_as_accurate_as_torch(monkeypatch, path, base, kw):
     assert fg_grad <= SLACK * torch_grad + 1e-7, (fg_grad, torch_grad)
 
 
-@pytest.mark.parametrize("path", ["single", "split", "two_pass"])
+@pytest.mark.parametrize("path", ["single", "split", "two_pass", "two_pass_stream"])
 def test_confident_probability_targets(monkeypatch, path):
     # Near one-hot probabilities on confident rows: sum w y (z - m) must not be formed
     # as sum w y z - m sum w y.

@@ -109,6 +109,7 @@ def test_setting_a_launcher_tunable_drops_the_cached_plans(monkeypatch):
     first = _fused_kernel_options(lambda: fg.cross_entropy(x, t).backward())
     assert [kw["SINGLE_BLOCK"] for kw in first] == [True]
     monkeypatch.setattr(launch, "FORCE_PATH", "two_pass")
+    monkeypatch.setattr(launch, "TWO_PASS_SOLO", False)  # the streaming fused kernel
     monkeypatch.setattr(launch, "LOOP_BLOCK_V", {k: 64 for k in launch.LOOP_BLOCK_V})
     forced = _fused_kernel_options(lambda: fg.cross_entropy(x, t).backward())
     assert [(kw["SINGLE_BLOCK"], kw["BLOCK_V"]) for kw in forced] == [(False, 64)]

@@ -20,12 +20,17 @@ from fusedgrad import _ce_launch as launch
 from ce_reference import reference_with_grad
 from helpers import DEVICE, assert_close
 
-LONG_PATHS = ["split", "two_pass"]
+# "two_pass" runs the split kernel's SOLO variant on rows it covers; "two_pass_stream" the
+# streaming fused kernel (what rows past the split kernel's reach take).
+LONG_PATHS = ["split", "two_pass", "two_pass_stream"]
 
 
 def use_path(monkeypatch, path, chunk=1024, capacity=6):
     """Force ``path`` with ``chunk`` classes per chunk; the pretend GPU holds ``capacity``
     split-row programs (fewer groups than rows: the persistent row loop runs)."""
+    if path == "two_pass_stream":
+        monkeypatch.setattr(launch, "TWO_PASS_SOLO", False)
+        path = "two_pass"
     monkeypatch.setattr(launch, "FORCE_PATH", path)
     monkeypatch.setattr(launch, "SPLIT_CHUNK", {k: chunk for k in launch.SPLIT_CHUNK})
     monkeypatch.setattr(launch, "LOOP_BLOCK_V", {k: chunk for k in launch.LOOP_BLOCK_V})
@@ -132,7 +137,9 @@ def test_inplace_backward(monkeypatch, path):
 @pytest.mark.compat
 def test_reruns_bitwise_identical(monkeypatch):
     # Fixed merge orders: reruns agree bit for bit (the split kernel's sync flags were
-    # reset by the kernel itself between the calls); the two paths agree to rounding.
+    # reset by the kernel itself between the calls), and so do the split path and the
+    # two-pass path on rows the split kernel covers (its SOLO variant: same chunks, same
+    # merge tree); the streaming kernel agrees to rounding.
     x = logits((7, 3000))
     t = targets(7, 3000)
     kw = dict(label_smoothing=0.1, z_loss=1e-3, weight=torch.rand(3000, device=DEVICE))
@@ -142,7 +149,8 @@ def test_reruns_bitwise_identical(monkeypatch):
         results[path] = [run(x, t, **kw) for _ in range(2)]
     for path, (a, b) in results.items():
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]), path
-    s, p = results["split"][0], results["two_pass"][0]
+    s, solo, p = (results[path][0] for path in LONG_PATHS)
+    assert torch.equal(s[0], solo[0]) and torch.equal(s[1], solo[1])
     assert_close(s[0], p[0], torch.float32, "loss")
     assert_close(s[1], p[1], torch.float32, "grad")
 

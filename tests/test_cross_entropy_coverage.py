@@ -24,8 +24,10 @@ from test_cross_entropy import check, make_logits, make_probs, make_targets
 
 def force_two_pass(monkeypatch, chunk=256):
     """Every row through the two-pass (multi-chunk) path with narrow chunks: small V then
-    spans several chunks (the launcher's knobs; no huge vocabulary needed)."""
+    spans several chunks (the launcher's knobs; no huge vocabulary needed). The streaming
+    fused kernel, not the split kernel's SOLO variant (tests/test_ce_paths.py runs that)."""
     monkeypatch.setattr(launch, "FORCE_PATH", "two_pass")
+    monkeypatch.setattr(launch, "TWO_PASS_SOLO", False)
     monkeypatch.setattr(launch, "LOOP_BLOCK_V", {k: chunk for k in launch.LOOP_BLOCK_V})
 
 
