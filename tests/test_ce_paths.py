@@ -155,6 +155,22 @@ def test_reruns_bitwise_identical(monkeypatch):
     assert_close(s[1], p[1], torch.float32, "grad")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_split_and_two_pass_bitwise_probabilities(monkeypatch, dtype):
+    # Probability targets with a soft-cap and a strided row (the other kernel branches):
+    # the split path and the two-pass path (SOLO variant) give the same bits, 2 rows x
+    # 5 chunks of 512 (probabilities take half the chunk), the last one partial.
+    wide = logits((2, 2600), dtype)
+    x = wide[:, :2500]
+    probs = torch.softmax(torch.randn(2, 2500), dim=1).to(dtype).to(DEVICE)
+    out = {}
+    for path in ("split", "two_pass"):
+        use_path(monkeypatch, path, capacity=6)
+        out[path] = run(x, probs, softcap=20.0, reduction="sum")
+    assert torch.equal(out["split"][0], out["two_pass"][0])
+    assert torch.equal(out["split"][1], out["two_pass"][1])
+
+
 def _direct_split(x, t, partials=None, sync=None):
     """launch_split on (N, C) logits with class-index targets, mean reduction."""
     n_rows, n_classes = x.shape
