@@ -726,17 +726,12 @@ def cross_entropy_split_kernel(
                     j_start = (n_chunks - 1 - jj) * CHUNK
                     j64 = tl.cast(j_start, tl.int64)
                     jmask = cols < n_classes - j_start
-                    jz_raw = tl.load(row_logits + j64 * logit_stride_class
-                                     + cols * logit_stride_class, mask=jmask, other=0.0,
-                                     eviction_policy="evict_first")
-                    jw = _load_weights(weight_ptr + j_start, cols, jmask, has_weight, IS_FP64)
-                    if PROB_TARGET:
-                        jv = jw * _load_target_probs(row_target + j64 * target_stride_class,
-                                                     cols, jmask, target_stride_class, keep,
-                                                     add, IS_FP64)
-                    else:
-                        jv = jw
-                    jz = _upcast_logits(jz_raw, jmask, softcap, has_softcap, IS_FP64)
+                    jz, jw, jv = _load_chunk(row_logits + j64 * logit_stride_class,
+                                             row_target + j64 * target_stride_class,
+                                             weight_ptr + j_start, cols, jmask,
+                                             logit_stride_class, target_stride_class, softcap,
+                                             has_softcap, has_weight, keep, add, IS_FP64,
+                                             PROB_TARGET, "evict_first")
                     g = _grad_chunk(jz, jmask, cols, m, log_s, coef_a, coef_t, coef_smooth,
                                     target_col - j64, jw, jv, scale, softcap, has_softcap,
                                     PROB_TARGET)
