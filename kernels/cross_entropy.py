@@ -269,6 +269,18 @@ def _row_grad_pass(row_logits, row_grad, row_target, weight_ptr, lo, hi, cols, c
 
 
 @triton.jit
+def _row_grad_scale(reduce_ptr, ignored, in_range, acc_ty: tl.constexpr,
+                    PROB_TARGET: tl.constexpr):
+    """The factor a row's gradient is scaled by: reduce_ptr[0] (the reduction's scale), and
+    for class targets an exact 0 on ignored rows (not 0 * scale, which is NaN when the
+    mean's divisor is 0) and NaN on rows whose target is out of range."""
+    scale = tl.load(reduce_ptr).to(acc_ty)
+    if not PROB_TARGET:
+        scale = tl.where(ignored, 0.0, tl.where(in_range, scale, float("nan")))
+    return scale
+
+
+@triton.jit
 def _row_loss(m, s, lin, vsum, z_t, w_t, ignored, in_range, weight_total, label_smoothing,
               z_loss, n_classes, PROB_TARGET: tl.constexpr):
     """(loss, lse, log s, A, coef_t, coef_smooth) of one row from its merged statistics.
@@ -417,11 +429,7 @@ def cross_entropy_fwd_bwd_kernel(
         tl.store(lse_ptr + row, lse)
 
         if write_grad != 0:
-            scale = tl.load(reduce_ptr).to(acc_ty)
-            if not PROB_TARGET:
-                # Ignored rows get an exact 0 (not 0 * scale, which is NaN when the mean's
-                # divisor is 0); rows with a bad target get NaN.
-                scale = tl.where(ignored, 0.0, tl.where(in_range, scale, float("nan")))
+            scale = _row_grad_scale(reduce_ptr, ignored, in_range, acc_ty, PROB_TARGET)
             out_ty = grad_ptr.dtype.element_ty
             if SINGLE_BLOCK:
                 # Reload the (cached, C-element) weights rather than keep them live across
@@ -717,9 +725,7 @@ def cross_entropy_split_kernel(
             tl.store(loss_ptr + row, loss)
             tl.store(lse_ptr + row, lse)
         if write_grad != 0:
-            scale = tl.load(reduce_ptr).to(acc_ty)
-            if not PROB_TARGET:
-                scale = tl.where(ignored, 0.0, tl.where(in_range, scale, float("nan")))
+            scale = _row_grad_scale(reduce_ptr, ignored, in_range, acc_ty, PROB_TARGET)
             if SOLO:
                 # Second pass, last chunk first, each chunk as its member writes it.
                 for jj in range(0, n_chunks):

@@ -134,6 +134,23 @@ def test_inplace_backward(monkeypatch, path):
     assert_close(base.grad, ref_grad, torch.float32, "grad")
 
 
+@pytest.mark.slow
+def test_more_than_64_members(monkeypatch):
+    # 65 members of 64 classes (the last one partial): past 64 members the split kernel's
+    # partial vectors are 128 wide, the widest variant (fp32 rows past 131072 classes take
+    # it: 256000 fp32 classes are 125 members of 2048). One row: under the interpreter its
+    # members recompute each other's partials, ~members^2 / 2 chunk reads.
+    n_classes = 64 * 64 + 37
+    assert launch.split_max_chunks(torch.float32, False) > 64
+    x = logits((1, n_classes))
+    t = torch.randint(0, n_classes, (1,), device=DEVICE)
+    results = []
+    for path in ["split", "two_pass"]:  # two_pass: the split kernel's SOLO variant
+        use_path(monkeypatch, path, chunk=64, capacity=65)
+        results.append(check(x, t, label_smoothing=0.1))
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
 @pytest.mark.compat
 def test_reruns_bitwise_identical(monkeypatch):
     # Fixed merge orders: reruns agree bit for bit (the split kernel's sync flags were
