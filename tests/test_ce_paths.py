@@ -148,7 +148,7 @@ def test_more_than_64_members(monkeypatch):
     for path in ["split", "two_pass"]:  # two_pass: the split kernel's SOLO variant
         use_path(monkeypatch, path, chunk=64, capacity=65)
         results.append(check(x, t, label_smoothing=0.1))
-    assert all(torch.equal(a, b) for a, b in zip(*results))
+    assert all(torch.equal(a, b) for a, b in zip(*results, strict=True))
 
 
 @pytest.mark.compat
