@@ -329,7 +329,7 @@ def _split_launch(rows_shape, logit_strides, grad_strides, t_strides, dtype, dev
     if chunk * max(logit_strides[2], grad_strides[2], t_strides[2]) >= _INT32_LIMIT:
         # (choose_path routes such layouts to the two-pass path; see the kernel's offsets)
         raise RuntimeError("split-row path: in-chunk offsets would pass 2^31")
-    cuda = device.type == "cuda"
+    cuda = device is None or device.type == "cuda"  # None: the modelled GPU (plans)
     # Cooperative: the driver refuses the launch rather than run a grid that is not
     # co-resident (the grid never exceeds split_capacity, so it never refuses). The SOLO
     # variant's programs never wait for each other.
@@ -407,6 +407,8 @@ class FwdBwdLaunches:
     device: torch.device
     run: Launch                      # the forward
     scale_grad: Launch               # backward, 0-dim grad_output (NO_LAUNCH: nothing)
+    kernel: Launch = NO_LAUNCH       # the kernel launch `run` issues (fused, split or SOLO
+                                     # record, with its grid and options: plan_cross_entropy)
 
     def __call__(self, logits, grad, target, weight, loss_rows, lse_rows, reduce_buf) -> None:
         self.run(logits, grad if grad is not None else logits, target,
@@ -456,7 +458,8 @@ def plan_fwd_bwd(rows_shape: tuple, logit_strides: tuple, grad_strides: tuple | 
         run = functools.partial(_run_split, forward, (n_rows, n_chunks, 4),
                                 torch.float64 if dtype == torch.float64 else torch.float32,
                                 device, n_rows * (n_chunks + 1))
-        return FwdBwdLaunches(path, rows_shape, grad_strides, dtype, device, run, scale)
+        return FwdBwdLaunches(path, rows_shape, grad_strides, dtype, device, run, scale,
+                              forward)
     if path == "two_pass" and TWO_PASS_SOLO \
             and split_covers(n_classes, dtype, prob_target, class_stride):
         forward, _ = _split_launch(
@@ -465,7 +468,8 @@ def plan_fwd_bwd(rows_shape: tuple, logit_strides: tuple, grad_strides: tuple | 
             scalars=scalars, label_smoothing=label_smoothing, softcap=softcap, solo=True)
         # (partials and flags: the lse rows stand in, never read or written by SOLO)
         run = functools.partial(_run_solo, forward)
-        return FwdBwdLaunches(path, rows_shape, grad_strides, dtype, device, run, scale)
+        return FwdBwdLaunches(path, rows_shape, grad_strides, dtype, device, run, scale,
+                              forward)
     block_v, single = fused_block_v(n_classes, dtype, prob_target)
     grid = n_rows if single else two_pass_grid(n_rows, device)
     max_registers = fwd_bwd_max_registers(block_v, single, dtype == torch.float64)
@@ -483,7 +487,8 @@ def plan_fwd_bwd(rows_shape: tuple, logit_strides: tuple, grad_strides: tuple | 
         num_warps=fwd_bwd_num_warps(block_v, single, dtype == torch.float64),
         enable_fp_fusion=FP_FUSION, **extra,
     ))
-    return FwdBwdLaunches(path, rows_shape, grad_strides, dtype, device, forward, scale)
+    return FwdBwdLaunches(path, rows_shape, grad_strides, dtype, device, forward, scale,
+                          forward)
 
 
 def _run_split(forward: Launch, partials_shape: tuple, acc: torch.dtype, device: torch.device,
@@ -629,7 +634,7 @@ def launch_shard_grad(logits3, grad3, target_v, weight, coef, *, softcap: float 
     )
 
 
-# --- the plan: what a call does, from the same functions the launchers use ---------------
+# --- the plan: what a call does, read off the launch records a real call uses -----------
 
 @dataclasses.dataclass(frozen=True)
 class CEPlan:
@@ -665,55 +670,44 @@ def plan_cross_entropy(n_rows: int, n_classes: int, dtype: torch.dtype, *,
                        prob_target: bool = False, write_grad: bool = True,
                        has_weight: bool = False, smoothing: bool = False,
                        device: torch.device | None = None) -> CEPlan:
-    """The launchers' plan for (n_rows, n_classes) logits of ``dtype``; ``device=None``
-    models an H100 (MODEL_SMS, one split-row program per SM)."""
-    path = choose_path(n_rows, n_classes, dtype, prob_target, device)
+    """What the launchers do for contiguous (n_rows, n_classes) logits of ``dtype``, read off
+    the Launch records plan_fwd_bwd builds for that call (the same function, and cache,
+    a real call uses); ``device=None`` models an H100 (MODEL_SMS)."""
+    rows_shape = (n_rows, 1, n_classes)
+    strides = (n_classes, n_classes, 1)
+    launches = plan_fwd_bwd(
+        rows_shape, strides, strides if write_grad else None,
+        strides if prob_target else (1, 1), dtype, device, ignore_index=-100,
+        label_smoothing=0.1 if smoothing else 0.0, z_loss=0.0, softcap=None,
+        prob_target=prob_target, has_weight=has_weight)
+    forward = launches.kernel
+    kernels = [_kernel_entry(k) for k in (forward, launches.scale_grad) if k is not NO_LAUNCH]
+    options = getattr(forward, "options", {})
     acc_size = 8 if dtype == torch.float64 else 4
     # Per-row scratch of the kernels themselves (targets, loss and lse are the host
     # path's part of the model: bench/plan_ce.py adds them).
     per_row = 0
-    kernels = []
-    if path == "split":
-        chunk = split_chunk(dtype, prob_target)
-        n_chunks = triton.cdiv(n_classes, chunk)
-        grid = split_grid(n_rows, n_chunks, device)
-        kernels.append(("cross_entropy_split_kernel", (grid,), {
-            "CHUNK": chunk, "MAX_CHUNKS": split_max_chunks(dtype, prob_target),
-            "HAS_WEIGHT": has_weight, "HAS_SMOOTHING": smoothing and not prob_target,
-            "PROB_TARGET": prob_target, "num_warps": SPLIT_NUM_WARPS,
-            # (the interpreter has no cooperative launch; the launcher passes it on CUDA)
-            **({"launch_cooperative_grid": True}
-               if device is None or device.type == "cuda" else {})}))
+    if launches.path == "split":
         # Published partials: n_chunks x 4 values per row written (L2-resident).
-        per_row += n_chunks * 4 * acc_size
+        per_row = triton.cdiv(n_classes, options["CHUNK"]) * 4 * acc_size
         logit_passes = 1
-    elif path == "two_pass" and TWO_PASS_SOLO and split_covers(n_classes, dtype, prob_target):
-        kernels.append(("cross_entropy_split_kernel", (solo_grid(n_rows, device),), {
-            "CHUNK": split_chunk(dtype, prob_target),
-            "MAX_CHUNKS": split_max_chunks(dtype, prob_target),
-            "HAS_WEIGHT": has_weight, "HAS_SMOOTHING": smoothing and not prob_target,
-            "PROB_TARGET": prob_target, "num_warps": SPLIT_NUM_WARPS, "SOLO": True}))
-        logit_passes = 1 if not write_grad else 2
+    elif options.get("SINGLE_BLOCK") or not write_grad:
+        logit_passes = 1  # the row stays on chip, or no gradient pass
     else:
-        block_v, single = fused_block_v(n_classes, dtype, prob_target)
-        grid = n_rows if single else two_pass_grid(n_rows, device)
-        kernels.append(("cross_entropy_fwd_bwd_kernel", (grid,), {
-            "BLOCK_V": block_v, "SINGLE_BLOCK": single, "PROB_TARGET": prob_target,
-            "num_warps": fwd_bwd_num_warps(block_v, single, dtype == torch.float64)}))
-        logit_passes = 1 if single or not write_grad else 2
+        logit_passes = 2  # two-pass: SOLO or streaming, the gradient pass re-reads the row
     per_logit = float(logit_passes) + (1.0 if write_grad else 0.0)
     if prob_target:
         per_logit += logit_passes  # y is read alongside the logits in every pass
-    launches_bwd = 0
-    if write_grad:
-        programs, _ = scale_grid(n_rows, n_classes, device)
-        kernels.append(("scale_grad_kernel", (programs,), {
-            "BLOCK_V": scale_block_v(n_classes), "PER_ROW": False,
-            "num_warps": scale_num_warps(scale_block_v(n_classes))}))
-        launches_bwd = 1
-    return CEPlan(path=path, n_rows=n_rows, n_classes=n_classes, kernels=kernels,
-                  launches_fwd=1, launches_bwd_go1=launches_bwd,
+    return CEPlan(path=launches.path, n_rows=n_rows, n_classes=n_classes, kernels=kernels,
+                  launches_fwd=int(forward is not NO_LAUNCH),
+                  launches_bwd_go1=int(launches.scale_grad is not NO_LAUNCH),
                   bytes_per_logit_fwd_bwd=per_logit, per_row_bytes=per_row)
+
+
+def _kernel_entry(launch: Launch) -> tuple[str, tuple, dict]:
+    """(kernel name, grid, constexprs and launch options) of a planned launch."""
+    kernel = getattr(launch.kernel, "fn", launch.kernel)
+    return kernel.__name__, launch.grid, dict(launch.options)
 
 
 # Every plan above reads this module's tunables: setting one drops the cached plans.
