@@ -158,9 +158,11 @@ def _merge_max_sum(m_a, s_a, m_b, s_b):
     ref = _shift_ref(m)
     d_a = _shift_ref(m_a) - ref
     d_b = _shift_ref(m_b) - ref
-    # An all -inf side has s = 0 and adds nothing (exp(d) may overflow for it).
-    s = tl.where(m_a > -float("inf"), s_a * tl.exp(d_a), 0.0) \
-        + tl.where(m_b > -float("inf"), s_b * tl.exp(d_b), 0.0)
+    # A side whose sum is 0 (empty, or all -inf) adds nothing (exp(d) may overflow for
+    # it). Gated on s, not on m: a side with NaN logits has a NaN sum, which must reach
+    # the result, while its max may be NaN or, on the GPU (max ignores NaN), -inf or finite.
+    s = tl.where(s_a != 0.0, s_a * tl.exp(d_a), 0.0) \
+        + tl.where(s_b != 0.0, s_b * tl.exp(d_b), 0.0)
     return m, s, d_a, d_b
 
 

@@ -73,7 +73,10 @@ def _forward(input, target, weight, ignore_index, reduction, label_smoothing, z_
     ref_global = torch.where(row_max > float("-inf"), row_max, 0.0)
     shift = ref_local - ref_global
     packed = torch.zeros(7, n_rows, dtype=acc, device=device)
-    packed[0] = torch.where(local_max > float("-inf"), stats[:, 1] * torch.exp(shift), 0.0)
+    # A shard whose sum is 0 (no classes, or all -inf) adds nothing; a NaN sum (NaN logits)
+    # must reach the loss whatever max the kernel's NaN-ignoring max gave (as in the kernels'
+    # _merge_max_sum).
+    packed[0] = torch.where(stats[:, 1] != 0, stats[:, 1] * torch.exp(shift), 0.0)
     packed[3] = stats[:, 2] + shift * stats[:, 3]  # sum w (z - M)
     packed[4] = stats[:, 3]  # sum w
     packed[5] = stats[:, 4]  # sum w y
