@@ -154,6 +154,9 @@ def test_more_than_64_members(monkeypatch):
 # NaN logits make the row's loss and gradient NaN, as in torch, wherever they sit: one
 # logit, a whole chunk (the chunk's max can come out NaN, or, on the GPU, whose max ignores
 # NaN, -inf or finite: the merge must not drop the chunk as empty), the masked last chunk.
+# compat: NaN semantics of max differ between Triton versions (3.8's interpreter ignores
+# NaN like the GPU, 3.6's propagates it).
+@pytest.mark.compat
 @pytest.mark.parametrize("path", LONG_PATHS)
 @pytest.mark.parametrize("nan_cols", [slice(1500, 1501), slice(1024, 2048), slice(2048, None)],
                          ids=["one", "chunk", "last_chunk"])
@@ -224,6 +227,7 @@ def _direct_split(x, t, partials=None, sync=None):
     return loss, grad, partials, sync
 
 
+@pytest.mark.compat  # integer atomics and the merge, on every Triton version
 def test_split_exchange_and_fallback(monkeypatch):
     use_path(monkeypatch, "split", capacity=3)
     x = logits((4, 3000))
