@@ -457,6 +457,22 @@ def _coords_of(row, n_inner):
 
 
 @triton.jit
+def _load_chunk_at(start, row_logits, row_target, weight_ptr, c, n_classes, class_stride,
+                   target_class_stride, softcap, has_softcap, has_weight, keep, add,
+                   IS_FP64: tl.constexpr, PROB_TARGET: tl.constexpr, EVICT: tl.constexpr):
+    """The row's chunk of classes [start, start + len(c)) through _load_chunk: (start as
+    int64, its mask, z, w, v). The split kernel's recomputed partials and SOLO gradient
+    pass read chunks this way (the chunk's base in 64 bits, offsets within it in 32)."""
+    start64 = tl.cast(start, tl.int64)
+    mask = c < n_classes - start
+    z, w, v = _load_chunk(row_logits + start64 * class_stride,
+                          row_target + start64 * target_class_stride, weight_ptr + start, c,
+                          mask, class_stride, target_class_stride, softcap, has_softcap,
+                          has_weight, keep, add, IS_FP64, PROB_TARGET, EVICT)
+    return start64, mask, z, w, v
+
+
+@triton.jit
 def _chunk_partial(z, mask, w, v, PROB_TARGET: tl.constexpr, HAS_SMOOTHING: tl.constexpr):
     """(m, s, lin, vsum) of one chunk: the partial a split-row member publishes.
 
@@ -660,15 +676,10 @@ def cross_entropy_split_kernel(
             # partner's own code (same chunk width, same reductions: the same bits).
             for j in range(0, n_chunks):
                 if tl.sum(tl.where(kidx == j, ready, 0), axis=0) == 0:
-                    j_start = j * CHUNK
-                    j64 = tl.cast(j_start, tl.int64)
-                    jmask = cols < n_classes - j_start
-                    jz, jw, jvv = _load_chunk(row_logits + j64 * logit_stride_class,
-                                              row_target + j64 * target_stride_class,
-                                              weight_ptr + j_start, cols, jmask,
-                                              logit_stride_class, target_stride_class, softcap,
-                                              has_softcap, has_weight, keep, add, IS_FP64,
-                                              PROB_TARGET, "")
+                    _, jmask, jz, jw, jvv = _load_chunk_at(
+                        j * CHUNK, row_logits, row_target, weight_ptr, cols, n_classes,
+                        logit_stride_class, target_stride_class, softcap, has_softcap,
+                        has_weight, keep, add, IS_FP64, PROB_TARGET, "")
                     jm, js, jlin, jv = _chunk_partial(jz, jmask, jw, jvv, PROB_TARGET,
                                                       HAS_SMOOTHING)
                     vm, vs, vlin, vv = _set_partial(kidx == j, jm, js, jlin, jv,
@@ -731,15 +742,11 @@ def cross_entropy_split_kernel(
             if SOLO:
                 # Second pass, last chunk first, each chunk as its member writes it.
                 for jj in range(0, n_chunks):
-                    j_start = (n_chunks - 1 - jj) * CHUNK
-                    j64 = tl.cast(j_start, tl.int64)
-                    jmask = cols < n_classes - j_start
-                    jz, jw, jv = _load_chunk(row_logits + j64 * logit_stride_class,
-                                             row_target + j64 * target_stride_class,
-                                             weight_ptr + j_start, cols, jmask,
-                                             logit_stride_class, target_stride_class, softcap,
-                                             has_softcap, has_weight, keep, add, IS_FP64,
-                                             PROB_TARGET, "evict_first")
+                    j64, jmask, jz, jw, jv = _load_chunk_at(
+                        (n_chunks - 1 - jj) * CHUNK, row_logits, row_target, weight_ptr, cols,
+                        n_classes, logit_stride_class, target_stride_class, softcap,
+                        has_softcap, has_weight, keep, add, IS_FP64, PROB_TARGET,
+                        "evict_first")
                     g = _grad_chunk(jz, jmask, cols, m, log_s, coef_a, coef_t, coef_smooth,
                                     target_col - j64, jw, jv, scale, softcap, has_softcap,
                                     PROB_TARGET)
